@@ -5,9 +5,200 @@ offset 0 is Llama's form, offset 1 Gemma's `(1 + w)` form.
 
 from __future__ import annotations
 
-import torch
+import functools
 
+import torch
+import triton
+import triton.language as tl
+
+from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
+
+MAX_HIDDEN = 16384
+
+
+# Forward, one row per program, the whole row in registers (BLOCK >= hidden).
+#   y = round(x * rstd) * w          (offset == 0: Transformers rounds the normalised row to x's dtype
+#                                     before the weight multiply, and so do we)
+#   y = x * rstd * (offset + w)      (offset != 0: all float32, one rounding at the end)
+# Floor: read x (N*H) and w (H), write y (N*H) and rstd (N float32).
+# Saves for backward: x (the caller's tensor, no copy) and rstd [N] float32.
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    x_row_stride,
+    y_row_stride,
+    hidden,
+    eps,
+    offset,
+    GEMMA_FORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + eps)
+    tl.store(rstd_ptr + row, rstd)
+    normed = x * rstd
+    if GEMMA_FORM:
+        y = normed * (offset + w)
+    else:
+        y = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w
+    tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Backward over a contiguous chunk of rows per program, so that dW can be accumulated in registers
+# over the chunk and written once per program (no second pass over x, no atomics):
+#   n = x * rstd,  g = dy * (offset + w)
+#   dx = rstd * (g - n * mean(g * n))
+#   dW_partial[pid] = sum_rows dy * n            (only when COMPUTE_DW)
+# Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H) and, with dW, n_programs*H float32.
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    n_rows,
+    hidden,
+    rows_per_program,
+    offset,
+    GEMMA_FORM: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # int64 loop bounds keep row * stride from overflowing on very large inputs.
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row64 in range(row_start, row_end):
+        x = tl.load(x_ptr + row64 * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row64 * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row64)
+        normed = x * rstd
+        g = dy * w
+        dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / hidden))
+        tl.store(dx_ptr + row64 * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            if GEMMA_FORM:
+                dw_acc += dy * normed
+            else:
+                # The weight multiplied the normalised row after rounding to x's dtype.
+                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, dw_acc, mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _dw_programs(x: torch.Tensor, n_rows: int) -> int:
+    # One program per SM keeps the partial-dW buffer tiny (n_SM * H * 4 bytes) while filling the GPU;
+    # on CPU (interpreter) a few programs still exercise the multi-row loop.
+    n = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
+    return max(1, min(n, n_rows))
+
+
+def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    rows = t.reshape(-1, hidden)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _output_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
+    # Same as the reference: the Llama form multiplies by the weight in the promoted dtype.
+    return torch.promote_types(x.dtype, weight.dtype) if offset == 0.0 else x.dtype
+
+
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: returns (y with x's shape, rstd [rows] float32)."""
+    hidden = x.shape[-1]
+    if hidden > MAX_HIDDEN:
+        raise KernelError(f"rms_norm's Triton kernel handles hidden <= {MAX_HIDDEN}, got {hidden}; "
+                          "set VELOTUNE_KERNELS=reference for this model.")
+    if weight.shape != (hidden,):
+        raise KernelError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({hidden},).")
+    x2 = _as_rows(x, hidden)
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, hidden), dtype=_output_dtype(x, weight, offset), device=x.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    if n_rows > 0:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), hidden, eps, offset,
+            GEMMA_FORM=offset != 0.0, BLOCK=block, num_warps=_num_warps(block),
+        )
+    return y.view(*x.shape[:-1], hidden), rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton backward: returns (dx in x's dtype, dweight in weight's dtype or None)."""
+    hidden = x.shape[-1]
+    x2 = _as_rows(x, hidden)
+    dy2 = _as_rows(dy, hidden)
+    n_rows = x2.shape[0]
+    dx = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
+    if compute_dw:
+        n_programs = _dw_programs(x, n_rows)
+        dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=x.device)
+    else:
+        n_programs = n_rows  # one row per program: no reduction across rows is needed
+        dw_partial = dx  # never touched (COMPUTE_DW is off); any pointer of the right kind will do
+    if n_rows > 0:
+        block = triton.next_power_of_2(hidden)
+        rows_per_program = triton.cdiv(n_rows, n_programs)
+        _rms_norm_bwd_kernel[(n_programs,)](
+            dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
+            dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, hidden, rows_per_program, offset,
+            GEMMA_FORM=offset != 0.0, COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block),
+        )
+    dweight = None
+    if compute_dw:
+        dweight = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+    return dx.view(x.shape), dweight
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+        y, rstd = rms_norm_forward(x, weight, eps, offset)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = rms_norm_backward(dy, x, weight, rstd, ctx.offset, compute_dw=ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None), dweight, None, None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -21,5 +212,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading shape)."""
-    # TRITON-PATH: `if use_triton(x, weight): return RMSNormFunction.apply(...)` (issue 3)
+    if use_triton(x, weight):
+        return RMSNormFunction.apply(x, weight, float(eps), float(offset))
     return rms_norm_reference(x, weight, eps, offset)
