@@ -119,7 +119,11 @@ def _sm_count(device_index: int) -> int:
 def _dw_programs(x: torch.Tensor, n_rows: int) -> int:
     # One program per SM keeps the partial-dW buffer tiny (n_SM * H * 4 bytes) while filling the GPU;
     # on CPU (interpreter) a few programs still exercise the multi-row loop.
-    n = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
+    n = (
+        _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if x.is_cuda
+        else 4
+    )
     return max(1, min(n, n_rows))
 
 
@@ -139,8 +143,10 @@ def rms_norm_forward(
     """Triton forward: returns (y with x's shape, rstd [rows] float32)."""
     hidden = x.shape[-1]
     if hidden > MAX_HIDDEN:
-        raise KernelError(f"rms_norm's Triton kernel handles hidden <= {MAX_HIDDEN}, got {hidden}; "
-                          "set VELOTUNE_KERNELS=reference for this model.")
+        raise KernelError(
+            f"rms_norm's Triton kernel handles hidden <= {MAX_HIDDEN}, got {hidden}; "
+            "set VELOTUNE_KERNELS=reference for this model."
+        )
     if weight.shape != (hidden,):
         raise KernelError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({hidden},).")
     x2 = _as_rows(x, hidden)
@@ -150,14 +156,28 @@ def rms_norm_forward(
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)
         _rms_norm_fwd_kernel[(n_rows,)](
-            x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), hidden, eps, offset,
-            GEMMA_FORM=offset != 0.0, BLOCK=block, num_warps=_num_warps(block),
+            x2,
+            weight.contiguous(),
+            y,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            hidden,
+            eps,
+            offset,
+            GEMMA_FORM=offset != 0.0,
+            BLOCK=block,
+            num_warps=_num_warps(block),
         )
     return y.view(*x.shape[:-1], hidden), rstd
 
 
 def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
     compute_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton backward: returns (dx in x's dtype, dweight in weight's dtype or None)."""
@@ -176,9 +196,23 @@ def rms_norm_backward(
         block = triton.next_power_of_2(hidden)
         rows_per_program = triton.cdiv(n_rows, n_programs)
         _rms_norm_bwd_kernel[(n_programs,)](
-            dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
-            dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, hidden, rows_per_program, offset,
-            GEMMA_FORM=offset != 0.0, COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block),
+            dy2,
+            x2,
+            weight.contiguous(),
+            rstd,
+            dx,
+            dw_partial,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            n_rows,
+            hidden,
+            rows_per_program,
+            offset,
+            GEMMA_FORM=offset != 0.0,
+            COMPUTE_DW=compute_dw,
+            BLOCK=block,
+            num_warps=_num_warps(block),
         )
     dweight = None
     if compute_dw:
@@ -201,7 +235,9 @@ class RMSNormFunction(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), dweight, None, None
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> torch.Tensor:
     """Plain PyTorch, in the same operation order as Transformers (so float32 results agree bitwise-close)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)

@@ -17,10 +17,21 @@ from velotune.kernels._dispatch import use_triton
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, n_heads, x_head_stride, out_head_stride,
-    c1, c2, a, b, half, rot,
+    x_ptr,
+    out_ptr,
+    n_heads,
+    x_head_stride,
+    out_head_stride,
+    c1,
+    c2,
+    a,
+    b,
+    half,
+    rot,
     head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     # o1 = c1*x1 - a*x2 and o2 = c2*x2 + b*x1 over the rotated dims; dims rot..head_dim are copied.
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -51,15 +62,36 @@ def _rotate_heads(
 # Saves for backward: cos and sin only (the rotation is linear in q and k).
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-    seq_len, n_q_heads, n_k_heads, head_dim, half,
-    q_batch_stride, q_seq_stride, q_head_stride,
-    k_batch_stride, k_seq_stride, k_head_stride,
-    qo_batch_stride, qo_seq_stride, qo_head_stride,
-    ko_batch_stride, ko_seq_stride, ko_head_stride,
-    cs_batch_stride, cs_seq_stride,
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    head_dim,
+    half,
+    q_batch_stride,
+    q_seq_stride,
+    q_head_stride,
+    k_batch_stride,
+    k_seq_stride,
+    k_head_stride,
+    qo_batch_stride,
+    qo_seq_stride,
+    qo_head_stride,
+    ko_batch_stride,
+    ko_seq_stride,
+    ko_head_stride,
+    cs_batch_stride,
+    cs_seq_stride,
     BACKWARD: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     bi = pid // seq_len
@@ -81,14 +113,36 @@ def _rope_kernel(
     _rotate_heads(
         q_ptr + bi * q_batch_stride + ti * q_seq_stride,
         q_out_ptr + bi * qo_batch_stride + ti * qo_seq_stride,
-        n_q_heads, q_head_stride, qo_head_stride, c1, c2, a, b, half, rot, head_dim,
-        BLOCK_HQ, BLOCK_HALF, BLOCK_PASS,
+        n_q_heads,
+        q_head_stride,
+        qo_head_stride,
+        c1,
+        c2,
+        a,
+        b,
+        half,
+        rot,
+        head_dim,
+        BLOCK_HQ,
+        BLOCK_HALF,
+        BLOCK_PASS,
     )
     _rotate_heads(
         k_ptr + bi * k_batch_stride + ti * k_seq_stride,
         k_out_ptr + bi * ko_batch_stride + ti * ko_seq_stride,
-        n_k_heads, k_head_stride, ko_head_stride, c1, c2, a, b, half, rot, head_dim,
-        BLOCK_HK, BLOCK_HALF, BLOCK_PASS,
+        n_k_heads,
+        k_head_stride,
+        ko_head_stride,
+        c1,
+        c2,
+        a,
+        b,
+        half,
+        rot,
+        head_dim,
+        BLOCK_HK,
+        BLOCK_HALF,
+        BLOCK_PASS,
     )
 
 
@@ -104,8 +158,13 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def rope_launch(
-    q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-    q_dtype: torch.dtype | None = None, k_dtype: torch.dtype | None = None, backward: bool = False,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_dtype: torch.dtype | None = None,
+    k_dtype: torch.dtype | None = None,
+    backward: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Rotates q and k (either may be None) in one launch into new contiguous tensors.
 
@@ -137,14 +196,28 @@ def rope_launch(
     block_pass = triton.next_power_of_2(pass_dim) if pass_dim > 0 else 0
     if bsz * seq_len > 0:
         _rope_kernel[(bsz * seq_len,)](
-            q_args[0], k_args[0], q_args[1], k_args[1], cos, sin,
-            seq_len, q_args[2], k_args[2], head_dim, half,
-            *q_args[0].stride()[:3], *k_args[0].stride()[:3],
-            *q_args[1].stride()[:3], *k_args[1].stride()[:3],
-            cos.stride(0), cos.stride(1),
+            q_args[0],
+            k_args[0],
+            q_args[1],
+            k_args[1],
+            cos,
+            sin,
+            seq_len,
+            q_args[2],
+            k_args[2],
+            head_dim,
+            half,
+            *q_args[0].stride()[:3],
+            *k_args[0].stride()[:3],
+            *q_args[1].stride()[:3],
+            *k_args[1].stride()[:3],
+            cos.stride(0),
+            cos.stride(1),
             BACKWARD=backward,
-            BLOCK_HQ=_head_block(q_args[2], block_half), BLOCK_HK=_head_block(k_args[2], block_half),
-            BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+            BLOCK_HQ=_head_block(q_args[2], block_half),
+            BLOCK_HK=_head_block(k_args[2], block_half),
+            BLOCK_HALF=block_half,
+            BLOCK_PASS=block_pass,
             num_warps=4,
         )
     return q_out, k_out
