@@ -1,0 +1,147 @@
+"""One decoder-only causal LM, driven entirely by an `ArchSpec`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from velotune.errors import DataError
+from velotune.kernels.cross_entropy import fused_linear_cross_entropy
+from velotune.models.kv_cache import StaticKVCache
+from velotune.models.layers import DecoderLayer, RMSNorm
+from velotune.models.rope_scaling import rope_cos_sin
+from velotune.models.spec import ArchSpec
+
+IGNORE_INDEX = -100
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document boundaries of packed rows: a document starts wherever a position is not its
+    predecessor + 1 (Transformers' rule), and at every row start. None when nothing is packed."""
+    batch, seq = position_ids.shape
+    step = torch.diff(position_ids, dim=-1) != 1
+    starts = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=position_ids.device), step], dim=-1)
+    if batch == 1 and not bool(step.any()):
+        return None
+    idx = starts.flatten().nonzero().flatten()
+    total = torch.tensor([batch * seq], device=position_ids.device)
+    return torch.cat([idx, total]).to(torch.int32)
+
+
+class DecoderModel(nn.Module):
+    """Causal LM: embed -> L x DecoderLayer -> norm -> LM head (+ loss without full logits)."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.max_seq_length: int | None = None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.lm_head_weight)
+        if self.spec.final_logit_softcap is not None:
+            cap = self.spec.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_kv_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        s = self.spec
+        return StaticKVCache(s.num_layers, batch, max_len, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: StaticKVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        if self.max_seq_length is not None and past_key_values is None and seq > self.max_seq_length:
+            raise DataError(
+                f"sequence of {seq} tokens is longer than max_seq_length={self.max_seq_length}; truncate the "
+                "data or load the model with a larger max_seq_length."
+            )
+        past = past_key_values.length if past_key_values is not None else 0
+        explicit_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise DataError("attention_mask must be [batch, seq] with 1 for tokens and 0 for padding.")
+            key_padding_mask = attention_mask.bool()
+        elif cu_seqlens is None and explicit_positions and past_key_values is None:
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+
+        x = self.embed_tokens(input_ids)
+        if self.spec.embedding_scale is not None:
+            x = x * torch.tensor(self.spec.embedding_scale, dtype=x.dtype)
+        cos, sin = rope_cos_sin(self.spec.rope, position_ids, x.dtype)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, key_padding_mask, cu_seqlens, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_padding_mask, cu_seqlens, past_key_values)
+        if past_key_values is not None:
+            past_key_values.commit()
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: StaticKVCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool | None = None,
+        **unused,
+    ) -> CausalLMOutputWithPast:
+        """Same contract as Transformers' *ForCausalLM.forward: labels are shifted inside and -100 ignored.
+
+        In training mode with labels, logits are not computed (the loss never needs them whole);
+        pass return_logits=True to get them anyway.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cu_seqlens, past_key_values)
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            loss = fused_linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]),
+                self.lm_head_weight,
+                shifted.reshape(-1).to(hidden.device),
+                ignore_index=IGNORE_INDEX,
+                logit_softcap=self.spec.final_logit_softcap,
+                num_items_in_batch=num_items_in_batch,
+            )
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = None
+        if return_logits:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.logits_of(kept)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
