@@ -157,6 +157,11 @@ def load_model(
 ) -> DecoderModel:
     cfg, spec = spec_from_folder(folder)
     family = family_of(cfg["model_type"])
+    # Every shard is present and every header valid before anything is allocated.
+    files = weight_files(folder)
+    if files.format == "safetensors":
+        for path in files.paths:
+            read_header(path)
     device = resolve_device(device_map)
     dtype = resolve_dtype(dtype, device)
     model = empty_model(spec, device, dtype, model_cls)

@@ -1,0 +1,5 @@
+import sys
+
+from velotune.cli import main
+
+sys.exit(main())
