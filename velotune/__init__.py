@@ -20,6 +20,7 @@ from velotune.errors import (  # noqa: E402
     UnsupportedModelError,
     VelotuneError,
 )
+from velotune.train.chat_templates import get_chat_template  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "UnsupportedModelError",
     "VelotuneError",
     "__version__",
+    "get_chat_template",
 ]
