@@ -181,10 +181,18 @@ class DecoderLayer(nn.Module):
             self.mlp_out_norm = RMSNorm(spec.hidden_size, eps, off)
 
     def forward(self, x, cos, sin, key_padding_mask, cu_seqlens, kv_cache=None) -> torch.Tensor:
+        return self.mlp_block(self.attention_block(x, cos, sin, key_padding_mask, cu_seqlens, kv_cache))
+
+    def attention_block(self, x, cos, sin, key_padding_mask, cu_seqlens, kv_cache=None) -> torch.Tensor:
+        """x + attention(norm(x)): the half of the layer that mixes tokens."""
         h = self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cu_seqlens, kv_cache)
         if self.spec.sandwich_norms:
             h = self.attn_out_norm(h)
-        x = x + h
+        return x + h
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm(x)): each token on its own, so `velotune.memory` may run it over sequence tiles
+        and recompute it apart from the attention half."""
         h = self.mlp(self.mlp_norm(x))
         if self.spec.sandwich_norms:
             h = self.mlp_out_norm(h)
