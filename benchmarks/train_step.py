@@ -319,11 +319,13 @@ def run_system(spec: dict[str, Any], log_dir: Path, timeout_s: float) -> dict[st
     spec_path.write_text(json.dumps(spec, indent=2))
     env = dict(os.environ, **OFFLINE_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # The worker runs in the log folder, so that caches peers write into the working directory
+    # (Unsloth's compiled-module cache) stay out of the repository.
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", str(spec_path)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     cfg = model_config(args.model)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    log_dir = args.log_dir or args.cache_dir / "logs"
+    args.cache_dir = args.cache_dir.resolve()
+    log_dir = (args.log_dir or args.cache_dir / "logs").resolve()  # workers run with it as their cwd
     log_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
