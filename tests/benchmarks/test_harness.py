@@ -176,3 +176,58 @@ def test_report_tabulates_ratios_goals_failures_and_draws_charts(tmp_path):
 def test_report_states_the_goals_unmeasured_when_there_are_no_results(tmp_path):
     text = report.build_report(tmp_path, tmp_path / "B.md", charts_dir=tmp_path)
     assert "not measured yet" in text and "No results yet" in text
+
+
+# Parameter counts of the published checkpoints (their safetensors totals): the shapes are the real ones.
+PUBLISHED_PARAMS = {
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.1-8b": 8_030_261_248,
+    "qwen2.5-7b": 7_615_616_512,
+    "mistral-7b": 7_248_023_552,
+    "gemma-2-9b": 9_241_705_984,
+    "phi-3-mini": 3_821_079_552,
+    "mixtral-8x7b": 46_702_792_704,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_each_shape_has_the_parameter_count_of_the_published_checkpoint(name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.train_step import checkpoint_tensors
+
+    cfg = dict(SHAPES[name])
+    model_type = cfg.pop("model_type")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    tensors = checkpoint_tensors(model, model_type)
+    assert sum(torch.Size(shape).numel() for _, shape in tensors) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_a_shrunk_random_checkpoint_of_each_family_loads_in_transformers_with_no_missing_keys(name, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.train_step import build_random_checkpoint
+
+    cfg = dict(SHAPES[name])
+    cfg.update(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=512
+    )
+    cfg["num_key_value_heads"] = (
+        4 if SHAPES[name]["num_key_value_heads"] == SHAPES[name]["num_attention_heads"] else 2
+    )
+    if "head_dim" in cfg:
+        cfg["head_dim"] = 16
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if key in cfg:
+            cfg[key] = min(cfg[key], 3)
+    if "num_local_experts" in cfg:
+        cfg["num_local_experts"] = 3
+    build_random_checkpoint(cfg, tmp_path, seed=0, device=torch.device("cpu"))
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    identity = 0.0 if cfg["model_type"] == "gemma2" else 1.0  # Gemma's norm scales by (1 + w)
+    assert model.model.norm.weight.eq(identity).all()
