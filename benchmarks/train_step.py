@@ -423,13 +423,19 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = (args.log_dir or args.cache_dir / "logs").resolve()  # workers run with it as their cwd
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    start = time.perf_counter()
-    folder = prepare_model_folder(args.model, args.cache_dir, args.seed, device)
-    prepare_s = time.perf_counter() - start
-    tokens_path = prepare_tokens(
-        folder, cfg["vocab_size"], args.warmup + args.steps, args.batch, args.seq, args.seed
-    )
-    matmul_tflops = measure_matmul_tflops(device, dtype)
+    def time_left() -> float | None:
+        return None if args.deadline is None else args.deadline - time.time()
+
+    out_of_time = (left := time_left()) is not None and left < args.min_system_s
+    folder = tokens_path = matmul_tflops = prepare_s = None
+    if not out_of_time:  # nothing will run: do not spend the budget building a checkpoint
+        start = time.perf_counter()
+        folder = prepare_model_folder(args.model, args.cache_dir, args.seed, device)
+        prepare_s = time.perf_counter() - start
+        tokens_path = prepare_tokens(
+            folder, cfg["vocab_size"], args.warmup + args.steps, args.batch, args.seq, args.seed
+        )
+        matmul_tflops = measure_matmul_tflops(device, dtype)
     flops = training_flops(cfg, args.batch, args.seq, full=args.method == "full")
     common: dict[str, Any] = {
         "run_id": run_id,
@@ -468,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in outs:
         out.parent.mkdir(parents=True, exist_ok=True)
     for system in args.systems:
-        remaining = None if args.deadline is None else args.deadline - time.time()
+        remaining = time_left()
         if (system, args.method) in NOT_APPLICABLE:
             result = {"status": "skipped", "skip_reason": NOT_APPLICABLE[(system, args.method)]}
         elif remaining is not None and remaining < args.min_system_s:

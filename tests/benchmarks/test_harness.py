@@ -91,6 +91,20 @@ def test_the_checkpoint_folder_loads_with_transformers_and_is_reused(hf_and_fail
     assert model.model.norm.weight.eq(1).all()
 
 
+def test_a_run_past_its_deadline_records_every_system_as_skipped_and_builds_nothing(tmp_path):
+    out, cache = tmp_path / "r.jsonl", tmp_path / "cache"
+    cmd = [
+        sys.executable, "-m", "benchmarks.train_step", "--model", "llama-3.1-8b", "--method", "qlora",
+        "--systems", "hf_peft_bnb,velotune", "--deadline", "1", "--out", str(out), "--cache-dir", str(cache),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["system"], r["status"]) for r in rows] == [("hf_peft_bnb", "skipped"), ("velotune", "skipped")]
+    assert all(r["skip_reason"].startswith("time budget") for r in rows)
+    assert not any(p.name.startswith("llama") for p in cache.iterdir())
+
+
 def _velotune_has_peft() -> bool:
     try:
         import velotune
