@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from velotune.errors import DataError
 from velotune.kernels.cross_entropy import fused_linear_cross_entropy
+from velotune.memory.checkpoint import run_layers
 from velotune.models.kv_cache import StaticKVCache
 from velotune.models.layers import DecoderLayer, RMSNorm
 from velotune.models.rope_scaling import rope_cos_sin
@@ -41,7 +41,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        # False | True (inputs kept on the GPU) | "offload" (pinned CPU memory); policy "full" | "save_attn";
+        # MLP sequence tile (None: automatic). See velotune.memory.checkpoint.
+        self.gradient_checkpointing: bool | str = False
+        self.checkpoint_policy = "full"
+        self.mlp_tile_tokens: int | None = None
         self.max_seq_length: int | None = None
 
     @property
@@ -97,13 +101,11 @@ class DecoderModel(nn.Module):
         if self.spec.embedding_scale is not None:
             x = x * torch.tensor(self.spec.embedding_scale, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.spec.rope, position_ids, x.dtype)
-        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, key_padding_mask, cu_seqlens, use_reentrant=False)
-            else:
+        if past_key_values is None:
+            x = run_layers(self, x, cos, sin, key_padding_mask, cu_seqlens)
+        else:
+            for layer in self.layers:
                 x = layer(x, cos, sin, key_padding_mask, cu_seqlens, past_key_values)
-        if past_key_values is not None:
             past_key_values.commit()
         return self.norm(x)
 
