@@ -651,6 +651,19 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", str(meta["device"])).strip("-").lower()
+
+    def write(done: list[Case]) -> None:
+        # Rewritten after every op, so that a run stopped by a time limit keeps what it measured.
+        for out_dir in out_dirs:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_markdown(out_dir / f"kernels-{slug}.md", meta, correctness, timings, done)
+            (out_dir / f"kernels-{slug}.json").write_text(
+                json.dumps(
+                    {"meta": meta, "correctness": correctness, "timings": timings}, indent=1, default=str
+                )
+            )
+
     correctness: list[dict] = []
     timings: list[dict] = []
     for case in cases:
@@ -669,15 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = t.get("error") or f"{t['ms']:.3f} ms"
             print(f"[kernels] time  {case.name:<42} {impl:<24} {shown}", flush=True)
         del ref32
-
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", str(meta["device"])).strip("-").lower()
-    for out_dir in out_dirs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_markdown(out_dir / f"kernels-{slug}.md", meta, correctness, timings, cases)
-        (out_dir / f"kernels-{slug}.json").write_text(
-            json.dumps({"meta": meta, "correctness": correctness, "timings": timings}, indent=1, default=str)
-        )
-        print(f"[kernels] wrote {out_dir / f'kernels-{slug}.md'}", flush=True)
+        write(cases[: cases.index(case) + 1])
+    print(f"[kernels] wrote kernels-{slug}.md/.json into {', '.join(map(str, out_dirs))}", flush=True)
     return 0 if all(r["pass"] for r in correctness) else 1
 
 
