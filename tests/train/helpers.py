@@ -44,7 +44,9 @@ def tiny_model(folder, family: str = "llama", seed: int = 0, full_finetuning: bo
     return model
 
 
-def random_examples(n: int, seed: int, vocab: int = 101, min_len: int = 3, max_len: int = 20, prompt_frac=0.4):
+def random_examples(
+    n: int, seed: int, vocab: int = 101, min_len: int = 3, max_len: int = 20, prompt_frac=0.4
+):
     """(input_ids, labels) pairs of varied lengths; the first part of each is a masked 'prompt'."""
     gen = torch.Generator().manual_seed(seed)
     out = []

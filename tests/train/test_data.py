@@ -98,13 +98,18 @@ def test_alpaca_rows_use_the_chat_template_when_there_is_one(tok):
     row = {"instruction": "Translate to French:", "input": "good morning", "output": "Bonjour."}
     ds = prepare_dataset([row], tok, max_seq_length=None)
     text = tok.decode(ds[0]["input_ids"].tolist(), skip_special_tokens=False)
-    assert text == "<|im_start|>user\nTranslate to French:\n\ngood morning<|im_end|>\n<|im_start|>assistant\nBonjour.<|im_end|>\n"
+    assert (
+        text
+        == "<|im_start|>user\nTranslate to French:\n\ngood morning<|im_end|>\n<|im_start|>assistant\nBonjour.<|im_end|>\n"
+    )
     assert labelled_runs(tok, ds[0]) == ["Bonjour.<|im_end|>\n"]
 
 
 def test_alpaca_rows_without_a_template_use_the_alpaca_prompt(tok):
     tok.chat_template = None
-    ds = prepare_dataset([{"instruction": "Write a haiku about rain.", "output": "Rain."}], tok, max_seq_length=None)
+    ds = prepare_dataset(
+        [{"instruction": "Write a haiku about rain.", "output": "Rain."}], tok, max_seq_length=None
+    )
     text = tok.decode(ds[0]["input_ids"].tolist(), skip_special_tokens=False)
     assert text.endswith("### Instruction:\nWrite a haiku about rain.\n\n### Response:\nRain.</s>")
     assert labelled_runs(tok, ds[0]) == ["Rain.</s>"]
@@ -118,14 +123,18 @@ def test_text_rows_learn_every_token_and_end_with_eos(tok):
 
 
 def test_jsonl_json_and_csv_files_read_the_same_rows(tok, tmp_path):
-    rows = [{"text": "The quick brown fox."}, {"text": "The lazy dog, \"quoted\"."}]
+    rows = [{"text": "The quick brown fox."}, {"text": 'The lazy dog, "quoted".'}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.csv").write_text('text\nThe quick brown fox.\n"The lazy dog, ""quoted""."\n')
-    got = [prepare_dataset(str(tmp_path / f), tok, max_seq_length=None) for f in ("d.jsonl", "d.json", "d.csv")]
+    got = [
+        prepare_dataset(str(tmp_path / f), tok, max_seq_length=None) for f in ("d.jsonl", "d.json", "d.csv")
+    ]
     want = prepare_dataset(rows, tok, max_seq_length=None)
     for ds in got:
-        assert len(ds) == 2 and all(ds[i]["input_ids"].tolist() == want[i]["input_ids"].tolist() for i in range(2))
+        assert len(ds) == 2 and all(
+            ds[i]["input_ids"].tolist() == want[i]["input_ids"].tolist() for i in range(2)
+        )
 
 
 def test_parquet_files_are_read(tok, tmp_path):

@@ -57,7 +57,9 @@ class Row:
 
 def _rows_from_file(path: str) -> list[Row]:
     if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path!r}. Check the path (relative paths start at {os.getcwd()!r}).")
+        raise DataError(
+            f"data file not found: {path!r}. Check the path (relative paths start at {os.getcwd()!r})."
+        )
     name = os.path.basename(path)
     ext = name.lower().rsplit(".", 1)[-1]
     if ext == "jsonl":
@@ -72,7 +74,9 @@ def _rows_from_file(path: str) -> list[Row]:
         if isinstance(data, Mapping):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
-                raise DataError(f"{path}: expected a JSON list of objects (or one object holding one such list).")
+                raise DataError(
+                    f"{path}: expected a JSON list of objects (or one object holding one such list)."
+                )
             data = lists[0]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}.")
@@ -114,7 +118,9 @@ def read_rows(source) -> list[Row]:
     if isinstance(source, (str, os.PathLike)):
         return _rows_from_file(os.fspath(source))
     if hasattr(source, "column_names") and isinstance(getattr(source, "column_names"), Mapping):
-        raise DataError(f"got a DatasetDict with splits {list(source.column_names)}; pass one split, e.g. ds['train'].")
+        raise DataError(
+            f"got a DatasetDict with splits {list(source.column_names)}; pass one split, e.g. ds['train']."
+        )
     if isinstance(source, Iterable):
         return [_checked(Row(f"row {i}", r)) for i, r in enumerate(source)]
     raise DataError(f"cannot read training data from {type(source).__name__}; pass a file path, a datasets.Dataset "
@@ -161,17 +167,26 @@ def row_messages(row: Row, fmt: str) -> list[dict]:
     if fmt == "messages":
         turns, role_key, content_key, roles = _field(row, "messages", list), "role", "content", None
     elif fmt == "sharegpt":
-        turns, role_key, content_key, roles = _field(row, "conversations", list), "from", "value", _SHAREGPT_ROLES
+        turns, role_key, content_key, roles = (
+            _field(row, "conversations", list),
+            "from",
+            "value",
+            _SHAREGPT_ROLES,
+        )
     else:
         raise ConfigError(f"format {fmt!r} is not a chat format")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
-            raise DataError(f"{row.where}: turn {i} needs {role_key!r} and {content_key!r} keys, got {turn!r}.")
+            raise DataError(
+                f"{row.where}: turn {i} needs {role_key!r} and {content_key!r} keys, got {turn!r}."
+            )
         role = turn[role_key]
         role = roles.get(role) if roles is not None else role
         if role not in _ROLES:
-            raise DataError(f"{row.where}: turn {i} has role {turn[role_key]!r}; expected one of {list(_ROLES)}.")
+            raise DataError(
+                f"{row.where}: turn {i} has role {turn[role_key]!r}; expected one of {list(_ROLES)}."
+            )
         if not isinstance(turn[content_key], str):
             raise DataError(f"{row.where}: turn {i} content should be a string.")
         messages.append({"role": role, "content": turn[content_key]})
@@ -235,7 +250,9 @@ class TokenizedDataset:
         self.ids, self.labels, self.offsets, self.where = ids, labels, offsets, where
 
     @classmethod
-    def from_examples(cls, examples: Sequence[tuple[Sequence[int], Sequence[int]]], where: list[str] | None = None):
+    def from_examples(
+        cls, examples: Sequence[tuple[Sequence[int], Sequence[int]]], where: list[str] | None = None
+    ):
         lengths = [len(ids) for ids, _ in examples]
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -348,7 +365,9 @@ def prepare_dataset(
             if row_spans is None:  # plain text: the tokenizer's own BOS choice, then an EOS to learn stopping
                 head = [bos] if adds_bos else []
                 tail = [eos] if eos is not None else []
-                ids = np.concatenate([np.asarray(head, dtype=np.int64), ids, np.asarray(tail, dtype=np.int64)])
+                ids = np.concatenate(
+                    [np.asarray(head, dtype=np.int64), ids, np.asarray(tail, dtype=np.int64)]
+                )
                 labels = ids.copy()
             elif train_on_responses_only:
                 keep = _label_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), row_spans)

@@ -22,7 +22,9 @@ from velotune.errors import ConfigError
 IGNORE_INDEX = -100
 
 
-def pack(lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None, open_rows: int = 64) -> list[list[int]]:
+def pack(
+    lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None, open_rows: int = 64
+) -> list[list[int]]:
     """Groups example indices into rows of at most `capacity` tokens.
 
     Examples are taken in `order`; each goes to the first open row with room (first fit), and up to
@@ -90,7 +92,9 @@ class BatchPlan:
         return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
 
-def collate_packed(rows: Sequence[Sequence[dict]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_packed(
+    rows: Sequence[Sequence[dict]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict:
     """Rows of examples ({"input_ids", "labels"} 1-D tensors) -> a packed batch."""
     lengths = [sum(len(e["input_ids"]) for e in row) for row in rows]
     width = _round_up(max(lengths), pad_to_multiple_of)
@@ -121,7 +125,9 @@ def collate_packed(rows: Sequence[Sequence[dict]], pad_token_id: int, pad_to_mul
     }
 
 
-def collate_padded(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_padded(
+    examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict:
     """Examples -> a right-padded batch with attention_mask."""
     width = _round_up(max(len(e["input_ids"]) for e in examples), pad_to_multiple_of)
     batch = len(examples)
@@ -167,4 +173,6 @@ class DataCollator:
         if not self.packing:
             return collate_padded(examples, self.pad_token_id, self.pad_to_multiple_of)
         rows = pack([len(e["input_ids"]) for e in examples], self.max_seq_length)
-        return collate_packed([[examples[i] for i in row] for row in rows], self.pad_token_id, self.pad_to_multiple_of)
+        return collate_packed(
+            [[examples[i] for i in row] for row in rows], self.pad_token_id, self.pad_to_multiple_of
+        )

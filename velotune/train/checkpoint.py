@@ -1,0 +1,184 @@
+"""Training checkpoints, written atomically so a crash at any moment leaves only whole checkpoints.
+
+A checkpoint folder `checkpoint-<step>` holds:
+
+    trainable.safetensors   every parameter with requires_grad, by its name in model.named_parameters()
+    adapter_config.json +   the LoRA adapter in PEFT's format, when the model has one
+    adapter_model.safetensors
+    optimizer.pt            optimizer state (tensors and numbers only: loaded with weights_only=True)
+    scheduler.pt            learning-rate scheduler state (and the fp16 grad scaler's)
+    rng.pt                  torch CPU / CUDA generator states
+    trainer_state.json      global step (which fixes the data position), log history, Python/NumPy RNG
+
+It is first written to a hidden temporary folder beside it, every file fsync'ed, then renamed into
+place (rename is atomic on POSIX file systems) and the parent folder fsync'ed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from velotune.errors import CheckpointError
+
+TRAINABLE = "trainable.safetensors"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors for rng.pt, JSON-able Python/NumPy states)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": _listify(random.getstate()),
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}  # fmt: skip
+    return tensors, plain
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    random.setstate(_tuplify(plain["python"]))
+    kind, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, extra: dict | None = None,
+                    save_adapter=None) -> str:  # fmt: skip
+    """Writes checkpoint-<step> under output_dir atomically; returns its path.
+
+    Args:
+        state: JSON-able trainer state (must hold "global_step").
+        extra: more torch-serialisable state for scheduler.pt (e.g. the grad scaler).
+        save_adapter: callable(folder) writing the PEFT adapter, or None.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    save_file(trainable_state(model), os.path.join(tmp, TRAINABLE), metadata={"format": "pt"})
+    if save_adapter is not None:
+        save_adapter(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), **(extra or {})}, os.path.join(tmp, "scheduler.pt"))
+    tensors, plain = rng_state()
+    torch.save(tensors, os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
+        json.dump({**state, "rng": plain}, f)
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if os.path.isfile(path):
+            _fsync_file(path)
+    _fsync_dir(tmp)
+    if os.path.exists(
+        final
+    ):  # a rerun over an old output folder: keep the old one until the new one is whole
+        old = final + ".old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    return final
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name))
+             for name in os.listdir(output_dir) if (m := _NAME.match(name))]  # fmt: skip
+    return sorted(found)
+
+
+def rotate(output_dir: str, keep: int | None) -> None:
+    if keep is None or keep <= 0:
+        return
+    for _, path in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve(resume_from_checkpoint, output_dir: str) -> str | None:
+    """True -> the latest checkpoint in output_dir (None if there is none yet); a path -> that path."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        found = checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = os.fspath(resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, STATE)):
+        raise CheckpointError(
+            f"{path} is not a velotune checkpoint (no {STATE}); pass a checkpoint-<step> folder."
+        )
+    return path
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restores trainables, optimizer, scheduler and RNG from `path`; returns (trainer state, extra)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(path, TRAINABLE))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise CheckpointError(
+            f"{path} does not match the model's trainable parameters (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}). Resume with the same model and LoRA settings as the run that wrote it."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {list(saved[name].shape)}, the model {list(p.shape)}."
+                )
+            p.copy_(saved[name])
+    optimizer.load_state_dict(
+        torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    )
+    extra = torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(extra.pop("scheduler"))
+    with open(os.path.join(path, STATE), encoding="utf-8") as f:
+        state = json.load(f)
+    set_rng_state(
+        torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True), state.pop("rng")
+    )
+    return state, extra

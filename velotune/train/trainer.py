@@ -1,0 +1,363 @@
+"""The training loop: a reader can follow one optimizer step from top to bottom in `Trainer.train`.
+
+One optimizer step takes `gradient_accumulation_steps` micro-batches. The number of label tokens
+in all of them is counted on the CPU first and passed to every forward as `num_items_in_batch`,
+so each micro-batch's loss is its summed token loss over that count: the accumulated gradient is
+exactly the gradient of the large batch's mean loss, however the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from velotune.errors import ConfigError, DataError
+from velotune.train import checkpoint as ckpt
+from velotune.train.callbacks import (
+    ConsoleLogger,
+    JsonlLogger,
+    ProgressBar,
+    TensorBoardLogger,
+    TrainerCallback,
+    memory_gb,
+)
+from velotune.train.data import TokenizedDataset
+from velotune.train.optim import build_optimizer, build_scheduler
+from velotune.train.packing import BatchPlan, collate_packed, collate_padded, num_label_tokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingArguments:
+    """Everything the loop needs. Each field is also a key of the `training:` section of the YAML config.
+
+    Args:
+        output_dir: checkpoints, log.jsonl and the final adapter go here.
+        num_epochs: passes over the data (ignored when max_steps > 0).
+        max_steps: optimizer steps to run; > 0 overrides num_epochs.
+        batch_size: rows per micro-batch (packed rows, or examples without packing).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate / weight_decay / adam_beta1 / adam_beta2 / adam_epsilon: AdamW settings; weight decay
+            never applies to biases and norm weights.
+        optim: "adamw" (torch; fused on CUDA) or "adamw_8bit" (bitsandbytes).
+        lr_scheduler: "linear", "cosine" or "constant" after the warm-up.
+        warmup_steps / warmup_ratio: linear warm-up length, in steps or as a fraction of all steps.
+        max_grad_norm: clip the gradient norm to this (None or 0: no clipping).
+        packing: several examples per row, attention kept within each example.
+        max_seq_length: packed row length (default: the model's max_seq_length).
+        pad_to_multiple_of: round batch widths up (e.g. 8 on GPUs).
+        mixed_precision: "no", "bf16" or "fp16" autocast (fp16 adds a gradient scaler).
+        gradient_checkpointing: True / False, or None to keep the model's setting.
+        seed: data order and torch's generator (LoRA dropout).
+        shuffle: shuffle the data each epoch.
+        logging_steps: log every N optimizer steps.
+        eval_steps: evaluate every N steps (0: only at the end, when there is eval data).
+        save_steps: checkpoint every N steps and at the end (0: no checkpoints).
+        save_total_limit: keep only the newest N checkpoints (None: all).
+        progress: a progress bar (else one log line per logging step).
+        report_to: "none" or "tensorboard".
+    """
+
+    output_dir: str = "outputs"
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw"
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    packing: bool = True
+    max_seq_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool | None = None
+    seed: int = 3407
+    shuffle: bool = True
+    logging_steps: int = 1
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int | None = 2
+    progress: bool = True
+    report_to: str = "none"
+    extra: dict = field(default_factory=dict, repr=False)  # free-form, saved with checkpoints
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use 'no', 'bf16' or 'fp16'.")
+        if self.gradient_accumulation_steps < 1 or self.batch_size < 1:
+            raise ConfigError("batch_size and gradient_accumulation_steps must be at least 1.")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"report_to={self.report_to!r}: use 'none' or 'tensorboard'.")
+
+
+def _as_dataset(data) -> TokenizedDataset | None:
+    if data is None or isinstance(data, TokenizedDataset):
+        return data
+    if isinstance(data, Sequence) and data and isinstance(data[0], dict) and "input_ids" in data[0]:
+        return TokenizedDataset.from_examples([(list(map(int, e["input_ids"])), list(map(int, e["labels"])))
+                                               for e in data])  # fmt: skip
+    raise DataError("train_dataset must be a velotune TokenizedDataset (velotune.train.prepare_dataset(...)) or a "
+                    "list of {'input_ids', 'labels'} dicts.")  # fmt: skip
+
+
+def _has_adapter(model) -> bool:
+    try:
+        from velotune.lora import has_lora
+    except ImportError:
+        return False
+    return has_lora(model)
+
+
+class Trainer:
+    """Trains `model` on a tokenized dataset.
+
+    Args:
+        model: a velotune model with trainable parameters (LoRA via get_peft_model, or full_finetuning=True).
+        args: TrainingArguments.
+        train_dataset / eval_dataset: from `velotune.train.prepare_dataset`.
+        tokenizer: used for its pad id (and saved beside the final adapter).
+        callbacks: extra TrainerCallback objects.
+    """
+
+    def __init__(self, model, args: TrainingArguments | None = None, train_dataset=None, eval_dataset=None,
+                 tokenizer=None, callbacks: Sequence[TrainerCallback] = ()):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.args = args or TrainingArguments()
+        self.train_dataset = _as_dataset(train_dataset)
+        self.eval_dataset = _as_dataset(eval_dataset)
+        if self.train_dataset is None or len(self.train_dataset) == 0:
+            raise DataError("the trainer needs a non-empty train_dataset.")
+        pad = None if tokenizer is None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                              else tokenizer.eos_token_id)  # fmt: skip
+        self.pad_token_id = 0 if pad is None else pad
+        self.max_seq_length = self.args.max_seq_length or getattr(model, "max_seq_length", None)
+        self.callbacks: list[TrainerCallback] = [JsonlLogger(os.path.join(self.args.output_dir, "log.jsonl"))]
+        self.callbacks.append(ProgressBar() if self.args.progress else ConsoleLogger())
+        if self.args.report_to == "tensorboard":
+            self.callbacks.append(TensorBoardLogger(os.path.join(self.args.output_dir, "runs")))
+        self.callbacks.extend(callbacks)
+        self.state: dict = {
+            "global_step": 0,
+            "max_steps": 0,
+            "epoch": 0.0,
+            "tokens_seen": 0,
+            "log_history": [],
+        }
+        self.optimizer = self.scheduler = self.scaler = None
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _check_lengths(self, dataset: TokenizedDataset, name: str) -> None:
+        if self.max_seq_length is None:
+            return
+        lengths = dataset.lengths
+        too_long = [i for i in range(len(lengths)) if lengths[i] > self.max_seq_length]
+        if too_long:
+            i = too_long[0]
+            raise DataError(f"{name}: {len(too_long)} example(s) longer than max_seq_length={self.max_seq_length}, "
+                            f"e.g. {dataset.where[i]} ({int(lengths[i])} tokens). Shorten or drop them.")  # fmt: skip
+
+    def _collate(self, dataset: TokenizedDataset, rows: list[list[int]]) -> tuple[dict, int]:
+        """A micro-batch's tensors and its count of real (non-pad) tokens."""
+        real = sum(int(dataset.lengths[i]) for row in rows for i in row)
+        if self.args.packing:
+            batch = collate_packed([[dataset[i] for i in row] for row in rows], self.pad_token_id,
+                                   self.args.pad_to_multiple_of)  # fmt: skip
+        else:
+            batch = collate_padded(
+                [dataset[row[0]] for row in rows], self.pad_token_id, self.args.pad_to_multiple_of
+            )
+        return batch, real
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.model.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.args.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.args.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.model.device.type, dtype=dtype)
+
+    def _emit(self, hook: str, *extra) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *extra)
+
+    def log(self, record: dict) -> None:
+        self.state["log_history"].append(record)
+        self._emit("on_log", record)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
+        """Runs the loop; returns the trainer state (global_step, log_history, ...).
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, or True for the newest in output_dir: the run
+                continues exactly where that one stopped (same data order, optimizer, schedule and RNG).
+        """
+        args, model, data = self.args, self.model, self.train_dataset
+        self._check_lengths(data, "train_dataset")
+        if self.eval_dataset is not None:
+            self._check_lengths(self.eval_dataset, "eval_dataset")
+        torch.manual_seed(args.seed)
+        plan = BatchPlan(
+            data.lengths, args.batch_size, args.seed, args.packing, self.max_seq_length, args.shuffle
+        )
+        accum = args.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(plan) / accum)
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
+        if max_steps <= 0:
+            raise ConfigError("nothing to train: set num_epochs > 0 or max_steps > 0.")
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, args.optim, args.learning_rate, args.weight_decay,
+                                         (args.adam_beta1, args.adam_beta2), args.adam_epsilon)  # fmt: skip
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
+        self.scheduler = build_scheduler(self.optimizer, max_steps, warmup, args.lr_scheduler)
+        if args.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler(model.device.type)
+        self.state.update(max_steps=max_steps, global_step=0)
+
+        path = ckpt.resolve(resume_from_checkpoint, args.output_dir)
+        if path is not None:
+            saved, extra = ckpt.load_checkpoint(path, model, self.optimizer, self.scheduler)
+            self.state.update(saved, max_steps=max_steps)
+            if self.scaler is not None and "scaler" in extra:
+                self.scaler.load_state_dict(extra["scaler"])
+            logger.info("resumed from %s at step %d", path, self.state["global_step"])
+
+        if args.gradient_checkpointing is not None:
+            model.gradient_checkpointing = bool(args.gradient_checkpointing)
+        model.train()
+        trainable = [p for _, p in params]
+        self._emit("on_train_begin")
+        epoch_batches, epoch_of_batches = None, -1
+        loss_acc = torch.zeros((), device=model.device)
+        steps_in_log, real_tokens, grad_norm = 0, 0, None
+        clock = time.perf_counter()
+        for step in range(self.state["global_step"], max_steps):
+            epoch, window = divmod(step, steps_per_epoch)
+            if epoch != epoch_of_batches:
+                epoch_batches, epoch_of_batches = plan.epoch(epoch), epoch
+            micro = [
+                self._collate(data, rows) for rows in epoch_batches[window * accum : (window + 1) * accum]
+            ]
+            # The whole step's label count, known before the first forward: every micro-batch's loss is
+            # a share of the large batch's mean, and no device sync is needed to get it.
+            n_items = max(1, sum(num_label_tokens(batch) for batch, _ in micro))
+            for batch, real in micro:
+                with self._autocast():
+                    loss = model(**self._to_device(batch), num_items_in_batch=n_items).loss
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                loss_acc += loss.detach()
+                real_tokens += real
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if args.max_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["global_step"] = step + 1
+            self.state["epoch"] = (step + 1) / steps_per_epoch
+            steps_in_log += 1
+            self._emit("on_step_end")
+
+            done = step + 1 == max_steps
+            if (step + 1) % args.logging_steps == 0 or done:
+                elapsed = time.perf_counter() - clock
+                self.state["tokens_seen"] += real_tokens
+                record = {"step": step + 1, "epoch": round(self.state["epoch"], 4),
+                          "loss": loss_acc.item() / steps_in_log, "lr": lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens_per_s": real_tokens / max(elapsed, 1e-9), "tokens_seen": self.state["tokens_seen"],
+                          "memory_gb": round(memory_gb(model.device), 3)}  # fmt: skip
+                self.log(record)
+                loss_acc.zero_()
+                steps_in_log, real_tokens, clock = 0, 0, time.perf_counter()
+            if self.eval_dataset is not None and (
+                (args.eval_steps and (step + 1) % args.eval_steps == 0) or done
+            ):
+                self.log({"step": step + 1, "eval_loss": self.evaluate()})
+            if args.save_steps and ((step + 1) % args.save_steps == 0 or done):
+                self.save_checkpoint()
+        self._emit("on_train_end")
+        return self.state
+
+    @torch.no_grad()
+    def evaluate(self, dataset: TokenizedDataset | None = None) -> float:
+        """Mean token loss over the eval data (every label token weighs the same)."""
+        data = _as_dataset(dataset) or self.eval_dataset
+        if data is None:
+            raise DataError("no eval_dataset to evaluate on.")
+        plan = BatchPlan(
+            data.lengths, self.args.batch_size, 0, self.args.packing, self.max_seq_length, shuffle=False
+        )
+        was_training = self.model.training
+        self.model.eval()
+        total, count = torch.zeros((), device=self.model.device), 0
+        for rows in plan.epoch(0):
+            batch, _ = self._collate(data, rows)
+            n = num_label_tokens(batch)
+            if n == 0:
+                continue
+            with self._autocast():
+                # num_items_in_batch=1 turns the mean into the summed token loss.
+                total += self.model(
+                    **self._to_device(batch), num_items_in_batch=1, return_logits=False
+                ).loss.float()
+            count += n
+        self.model.train(was_training)
+        return total.item() / max(count, 1)
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def save_checkpoint(self) -> str:
+        step = self.state["global_step"]
+        state = {k: v for k, v in self.state.items()}
+        state["args"] = {k: v for k, v in asdict(self.args).items()}
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler is not None else None
+        adapter = self.model.save_pretrained if _has_adapter(self.model) else None
+        path = ckpt.save_checkpoint(self.args.output_dir, step, self.model, self.optimizer, self.scheduler, state,
+                                    extra, adapter)  # fmt: skip
+        ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
+        self._emit("on_save", path)
+        return path
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """The trained result: a PEFT adapter folder with LoRA (plus the tokenizer), else the trainable weights."""
+        from safetensors.torch import save_file
+
+        folder = output_dir or self.args.output_dir
+        os.makedirs(folder, exist_ok=True)
+        if _has_adapter(self.model):
+            self.model.save_pretrained(folder)
+        else:
+            save_file(
+                ckpt.trainable_state(self.model),
+                os.path.join(folder, ckpt.TRAINABLE),
+                metadata={"format": "pt"},
+            )
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        return folder
