@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from velotune.errors import UnsupportedModelError
+from velotune import lora
+from velotune.errors import AdapterError, UnsupportedModelError
 from velotune.io.load import load_model
-from velotune.io.tokenizer import load_tokenizer
+from velotune.io.tokenizer import TOKENIZER_FILES, load_tokenizer
+from velotune.lora.peft_format import ADAPTER_CONFIG, read_settings
 from velotune.model import VelotuneModel
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,9 @@ class FastLanguageModel:
         """Loads a local Hugging Face folder. Returns (model, tokenizer or None).
 
         Args:
-            model_name: path of a folder with config.json and safetensors weights.
+            model_name: path of a folder with config.json and safetensors weights, or of a LoRA adapter
+                folder (adapter_config.json naming its base in base_model_name_or_path): the base is
+                loaded, then the adapter, trainable.
             max_seq_length: longest sequence the model accepts in training (None: no limit).
             dtype: None picks bf16 on GPUs that support it, else fp16; float32 on CPU.
             load_in_4bit / load_in_8bit: quantized base weights.
@@ -50,6 +55,21 @@ class FastLanguageModel:
             )
         if unused:
             logger.warning("ignoring unknown from_pretrained arguments: %s", sorted(unused))
+        adapter_dir = None
+        if os.path.isfile(os.path.join(model_name, ADAPTER_CONFIG)) and not os.path.isfile(
+            os.path.join(model_name, "config.json")
+        ):
+            if full_finetuning:
+                raise AdapterError(
+                    f"{model_name} is a LoRA adapter; full_finetuning=True needs a full model. Merge the adapter "
+                    "first (model.merge_and_unload()) or load its base model."
+                )
+            adapter_dir, model_name = model_name, read_settings(model_name).base_model_name_or_path
+            if not model_name or not os.path.isdir(model_name):
+                raise AdapterError(
+                    f"{adapter_dir}/{ADAPTER_CONFIG} names base model {model_name!r}, which is not a local folder. "
+                    "Load the base with from_pretrained(<base folder>) and then model.load_adapter(adapter_dir)."
+                )
         model = load_model(
             model_name,
             dtype=dtype,
@@ -60,15 +80,71 @@ class FastLanguageModel:
         )
         for p in model.parameters():
             p.requires_grad_(full_finetuning)
-        return model, load_tokenizer(model_name)
+        if adapter_dir is None:
+            return model, load_tokenizer(model_name)
+        model.load_adapter(adapter_dir, is_trainable=True)
+        has_tokenizer = any(os.path.isfile(os.path.join(adapter_dir, n)) for n in TOKENIZER_FILES)
+        return model, load_tokenizer(adapter_dir if has_tokenizer else model_name)
+
+    @staticmethod
+    def get_peft_model(
+        model: VelotuneModel,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+        **unused,
+    ) -> VelotuneModel:
+        """Freezes the base and adds LoRA adapters to the projections `target_modules` names.
+
+        Args:
+            r / lora_alpha: rank and alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+            lora_dropout: dropout on the LoRA branch's input, in training.
+            target_modules: PEFT's module names ("q_proj", ..., "qkv_proj" for Phi-3, "w1"/"w2"/"w3"/"gate" for
+                Mixtral's experts and router; gate_proj/up_proj/down_proj select Mixtral's experts too),
+                "all-linear", or a regular expression over the module paths.
+            bias: "none" (the only supported value for now).
+            use_gradient_checkpointing: True, "offload" (for now the same as True) or False.
+            random_state: seed of the LoRA initialisation.
+            init_lora_weights: True (A kaiming-uniform, B zero), "gaussian", or False (B random too).
+            lora_dtype: dtype of the LoRA weights; default float32 on a 16-bit base (as PEFT), else the base's.
+        """
+        if unused:
+            logger.warning("ignoring unknown get_peft_model arguments: %s", sorted(unused))
+        if use_gradient_checkpointing not in (True, False, "offload", "unsloth"):
+            raise AdapterError(
+                f"use_gradient_checkpointing={use_gradient_checkpointing!r}: use True, False or 'offload'."
+            )
+        lora.add_lora(
+            model,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            bias=bias,
+            random_state=random_state,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            lora_dtype=lora_dtype,
+        )
+        model.gradient_checkpointing = bool(use_gradient_checkpointing)
+        return FastLanguageModel.for_training(model)
 
     @staticmethod
     def for_inference(model: VelotuneModel) -> VelotuneModel:
+        """Evaluation mode: LoRA dropout and gradient checkpointing off (both follow the training flag)."""
         model.eval()
         return model
 
     @staticmethod
     def for_training(model: VelotuneModel) -> VelotuneModel:
+        """Training mode: LoRA dropout on, gradient checkpointing as chosen in get_peft_model."""
         model.train()
         return model
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from velotune import lora
+from velotune.errors import AdapterError
 from velotune.infer.generate import generate as _generate
 from velotune.models.decoder import DecoderModel
 
+logger = logging.getLogger(__name__)
+
 
 class VelotuneModel(DecoderModel):
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    lora_settings: lora.LoraSettings | None = None
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         """See `velotune.infer.generate.generate` for the arguments (max_new_tokens, do_sample, ...)."""
         return _generate(self, input_ids, attention_mask, **kwargs)
 
@@ -21,3 +31,29 @@ class VelotuneModel(DecoderModel):
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    def save_pretrained(self, save_directory: str, **unused) -> None:
+        """Saves the LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        if not lora.has_lora(self):
+            raise AdapterError(
+                "this model has no LoRA adapter, and save_pretrained writes adapters only. To write the full "
+                "model, use model.save_pretrained_merged(folder)."
+            )
+        lora.save_adapter(self, save_directory)
+
+    def load_adapter(
+        self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **unused
+    ) -> VelotuneModel:
+        """Loads a PEFT LoRA adapter folder (PEFT's signature). LoRA already on the same modules is replaced.
+
+        velotune holds one adapter at a time: `adapter_name` is accepted for compatibility only.
+        """
+        return lora.load_adapter(self, model_id, is_trainable=is_trainable)
+
+    def merge_and_unload(self, **unused) -> VelotuneModel:
+        """Folds the LoRA weights into the base (W += scale * B @ A) and removes the adapter modules."""
+        return lora.merge_and_unload(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Logs PEFT's line: trainable params, all params, trainable %."""
+        logger.info(lora.trainable_summary(self))

@@ -1,0 +1,410 @@
+"""PEFT's adapter format: the one place that spells PEFT's module names, keys and config fields.
+
+A LoRA *site* is one place an adapter can sit: a named block of a `Projection` (q_proj, ...) or one
+of a sparse MoE's tensors (router, gate/up, down). Its PEFT name is derived from the family's
+checkpoint tensor names (`Family.tensor_slots`), which already say which Hugging Face tensor
+fills which internal parameter: the HF module whose `.weight` fills block `q_proj` of
+`layers.0.attn.qkv` is PEFT's `model.layers.0.self_attn.q_proj`.
+
+PEFT writes, for a module target, `base_model.model.<module>.lora_A.weight` [r, in] and
+`lora_B.weight` [out, r]. With Transformers 5, MoE experts are 3-D parameters that PEFT adapts as
+`target_parameters` through nested `ParamWrapper`s: the module's targeted parameters wrap it in
+their declaration order, the first innermost, so its keys carry one `.base_layer` per wrapper
+above it. Expert weights are stacked: lora_A [E*r, in] expert-major, lora_B [out, r*E] with
+column j*E + e holding rank j of expert e. PEFT fuses Mixtral's w1 and w3 into one gate_up pair
+of rank 2r and alpha 2*alpha (its `rank_pattern` / `alpha_pattern`), and we do the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from velotune.errors import AdapterError
+from velotune.models.families import family_of
+from velotune.models.layers import Projection, SparseMoE
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+# How target_modules names a sparse MoE's tensors: (names that must all be targeted, rank multiplier).
+# PEFT's (Transformers 4's) names: the router is `gate`, the experts' gate / up / down projections are
+# w1 / w3 / w2; PEFT adapts the fused gate/up tensor with rank 2r and alpha 2*alpha when w1 and w3 are
+# targeted, and with rank r when its own name is. gate_proj / up_proj / down_proj are accepted as
+# well, so the usual seven-name target list adapts a MoE model's experts too.
+MOE_SPELLINGS = {
+    "router": [(("gate",), 1)],
+    "gate_up": [(("w1", "w3"), 2), (("gate_proj", "up_proj"), 2), (("gate_up_proj",), 1)],
+    "down": [(("w2",), 1), (("down_proj",), 1)],
+}
+# Checkpoints that store projections fused (Phi-3): the names of what each fused tensor holds.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+ALL_LINEAR = "all-linear"
+
+# adapter_config.json features velotune cannot honour: loading would silently change the model.
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters",
+    "lora_bias": "LoRA adapters with a bias on lora_B (lora_bias=True)",
+    "modules_to_save": "adapters with modules_to_save (fully trained extra modules)",
+    "trainable_token_indices": "adapters with trainable token indices",
+    "layer_replication": "adapters with layer_replication",
+    "use_qalora": "QA-LoRA adapters",
+    "fan_in_fan_out": "fan_in_fan_out adapters (GPT-2 Conv1D layout)",
+}
+
+
+@dataclass(frozen=True)
+class LoraSite:
+    module: str  # internal module path: "layers.0.attn.qkv", "layers.0.mlp"
+    unit: str  # a Projection block name ("q_proj"), or "router" | "gate_up" | "down" of a sparse MoE
+    peft_module: str  # "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.experts"
+    peft_param: str | None = None  # for PEFT parameter targets: "gate_up_proj", "down_proj", "weight"
+    num_experts: int = 0  # > 0: PEFT's stacked 3-D expert layout
+
+    @property
+    def peft_key(self) -> str:
+        """The key PEFT matches target / rank / alpha patterns against."""
+        return self.peft_module if self.peft_param is None else f"{self.peft_module}.{self.peft_param}"
+
+    @property
+    def target_name(self) -> str:
+        """The entry of target_modules (module sites) or target_parameters (parameter sites)."""
+        leaf = self.peft_module.rsplit(".", 1)[-1]
+        if self.peft_param is None:
+            return leaf
+        # A bare "weight" would match every parameter of the model.
+        return f"{leaf}.{self.peft_param}" if self.peft_param in ("weight", "bias") else self.peft_param
+
+
+@dataclass
+class LoraSettings:
+    """What adapter_config.json says about a LoRA adapter, velotune's subset of PEFT's LoraConfig."""
+
+    r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+    # As read from a file (it tells nested ParamWrappers apart); a save writes the adapted sites' own.
+    target_parameters: list | None = None
+
+
+def lora_sites(model) -> list[LoraSite]:
+    """Every place of `model` that can carry LoRA, with its PEFT name, in model order."""
+    slots = family_of(model.spec.model_type).tensor_slots(model.spec)
+    by_internal: dict[str, list[tuple[str, tuple]]] = {}
+    for hf_name, slot in slots.items():
+        by_internal.setdefault(slot.internal, []).append((hf_name, slot.index))
+    sites = []
+    for path, module in model.named_modules():
+        if isinstance(module, Projection):
+            for name in module.names:
+                hf = [n for n, _ in by_internal.get(f"{path}.weight", []) if n.endswith(f".{name}.weight")]
+                if len(hf) != 1:
+                    raise AdapterError(f"no unique checkpoint name for block {name} of {path}: {hf}")
+                sites.append(LoraSite(path, name, hf[0][: -len(".weight")]))
+        elif isinstance(module, SparseMoE):
+            sites.extend(_moe_sites(path, module, by_internal))
+    return sites
+
+
+def _moe_sites(path: str, module: SparseMoE, by_internal) -> list[LoraSite]:
+    # Transformers 5 names the whole (unsliced) tensors; the per-expert names of older checkpoints
+    # map to slices and PEFT no longer targets them.
+    def whole(attr: str) -> list[str]:
+        return [n for n, index in by_internal.get(f"{path}.{attr}", []) if index == ()]
+
+    experts = {attr: whole(attr) for attr in ("gate_up", "down")}
+    if any(len(v) != 1 for v in experts.values()):
+        raise AdapterError(f"no unique checkpoint names for the experts of {path}: {experts}")
+    experts_module, gate_up_param = experts["gate_up"][0].rsplit(".", 1)
+    down_module, down_param = experts["down"][0].rsplit(".", 1)
+    block = experts_module.rsplit(".", 1)[0]
+    # The router's tensor is the one beside the experts (model.layers.N.mlp.gate.weight).
+    router = [n for n in whole("router") if n.rsplit(".", 2)[0] == block]
+    if len(router) != 1:
+        raise AdapterError(f"no unique checkpoint name for the router of {path}: {whole('router')}")
+    router_module, router_param = router[0].rsplit(".", 1)
+    n = module.moe.num_experts
+    return [
+        LoraSite(path, "router", router_module, router_param),
+        LoraSite(path, "gate_up", experts_module, gate_up_param, n),
+        LoraSite(path, "down", down_module, down_param, n),
+    ]
+
+
+def spellings(site: LoraSite) -> list[tuple[tuple[str, ...], int]]:
+    """The ways target_modules can select a site: (names that must all be targeted, rank multiplier).
+    The first is what "all-linear" selects."""
+    if site.peft_param is not None:
+        return MOE_SPELLINGS[site.unit]
+    fused = FUSED_PROJECTIONS.get(site.unit)
+    return [((site.unit,), 1)] + ([(fused, 1)] if fused else [])
+
+
+def _pseudo_path(site: LoraSite, name: str) -> str:
+    # Where a module of that name would sit: beside the site's module for projections (so
+    # "self_attn.q_proj" selects Phi-3's qkv_proj too), inside the experts module for MoE names.
+    if site.num_experts:
+        return f"{site.peft_module}.{name}"
+    return f"{site.peft_module.rsplit('.', 1)[0]}.{name}"
+
+
+def _suffix_match(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def valid_target_names(sites: list[LoraSite]) -> list[str]:
+    return sorted({name for s in sites for names, _ in spellings(s) for name in names})
+
+
+def resolve_targets(sites: list[LoraSite], target_modules) -> dict[LoraSite, int]:
+    """The sites `target_modules` selects, each with its rank multiplier (2 for a MoE gate/up tensor
+    that fuses the two projections PEFT would have adapted apart, as PEFT does).
+
+    `target_modules` is a list of names (PEFT's rule: a name selects a module whose path ends in it),
+    "all-linear", or a regular expression matched against whole module paths. A fused tensor is
+    selected by its own name or by all the names it fuses (q_proj + k_proj + v_proj for qkv_proj).
+    """
+    valid = valid_target_names(sites) + [ALL_LINEAR]
+    if isinstance(target_modules, str):
+        target_modules = [target_modules] if target_modules == ALL_LINEAR else re.compile(target_modules)
+    if not isinstance(target_modules, re.Pattern):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise AdapterError(f"target_modules is empty; name some of {valid}.")
+        if ALL_LINEAR in target_modules:
+            if len(target_modules) > 1:
+                raise AdapterError(f"'{ALL_LINEAR}' already names every projection; pass it alone.")
+            return {s: spellings(s)[0][1] for s in sites}
+
+    used: set[str] = set()
+
+    def targeted(site: LoraSite, name: str) -> bool:
+        path = _pseudo_path(site, name)
+        if isinstance(target_modules, re.Pattern):
+            return target_modules.fullmatch(path) is not None
+        hits = {t for t in target_modules if _suffix_match(path, t)}
+        used.update(hits)
+        return bool(hits)
+
+    chosen = {}
+    for site in sites:
+        partial = []
+        for names, multiplier in spellings(site):
+            hit = [targeted(site, name) for name in names]  # every spelling is tried: it marks names used
+            if all(hit):
+                chosen.setdefault(site, multiplier)
+            elif any(hit):
+                partial.append(names)
+        if site not in chosen and partial:
+            raise AdapterError(
+                f"{' and '.join(partial[0])} are one fused tensor in this model ({site.peft_key}): target all of "
+                f"{list(partial[0])} or none of them."
+            )
+    if isinstance(target_modules, re.Pattern):
+        if not chosen:
+            raise AdapterError(
+                f"target_modules regex {target_modules.pattern!r} matches no module of this model. Valid names: {valid}."
+            )
+        return chosen
+    unknown = [t for t in target_modules if t not in used]
+    if unknown:
+        raise AdapterError(
+            f"target_modules {unknown} match no module of this model. Valid names for this model: {valid}."
+        )
+    return chosen
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+# ----------------------------------------------------------------------------------------- keys
+
+
+def _param_depths(sites: list[LoraSite]) -> dict[LoraSite, int]:
+    """How many ParamWrappers nest above each parameter site (sites of one module, in declaration order)."""
+    by_module: dict[str, list[LoraSite]] = {}
+    for s in sites:
+        if s.peft_param is not None:
+            by_module.setdefault(s.peft_module, []).append(s)
+    return {s: len(group) - 1 - i for group in by_module.values() for i, s in enumerate(group)}
+
+
+def weight_keys(sites: list[LoraSite]) -> dict[LoraSite, tuple[str, str]]:
+    """PEFT's safetensors keys (lora_A, lora_B) of each adapted site; `sites` are the adapted ones, in model order."""
+    depths = _param_depths(sites)
+    keys = {}
+    for s in sites:
+        stem = KEY_PREFIX + s.peft_module + ".base_layer" * depths.get(s, 0)
+        keys[s] = (f"{stem}.lora_A.weight", f"{stem}.lora_B.weight")
+    return keys
+
+
+def to_peft_layout(site: LoraSite, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """velotune's per-expert A [E, r, in], B [E, out, r] -> PEFT's stacked [E*r, in], [out, r*E]."""
+    if not site.num_experts:
+        return a, b
+    n, r = a.shape[0], a.shape[1]
+    return a.reshape(n * r, a.shape[2]), b.permute(1, 2, 0).reshape(b.shape[1], r * n)
+
+
+def from_peft_layout(site: LoraSite, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not site.num_experts:
+        return a, b
+    n = site.num_experts
+    if a.shape[0] % n or b.shape[1] % n:
+        raise AdapterError(
+            f"{site.peft_key}: expert LoRA shapes {list(a.shape)}, {list(b.shape)} do not split into {n} experts."
+        )
+    r = a.shape[0] // n
+    return a.reshape(n, r, a.shape[1]), b.reshape(b.shape[0], r, n).permute(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+def read_settings(folder: str) -> LoraSettings:
+    """Reads adapter_config.json, refusing what velotune would load wrongly."""
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}; point at a folder saved by PEFT or velotune.")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(
+            f"{path} holds a {cfg.get('peft_type')} adapter; velotune loads LoRA adapters only."
+        )
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise AdapterError(f"{path}: {what} are not supported by velotune ({key}={cfg[key]!r}).")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias={cfg['bias']!r} adapters are not supported yet; only bias='none'.")
+    init = cfg.get("init_lora_weights", True)
+    return LoraSettings(
+        r=int(cfg.get("r", 8)),
+        lora_alpha=cfg.get("lora_alpha", 8),
+        lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        bias="none",
+        init_lora_weights=init if isinstance(init, (bool, str)) else True,
+        rank_pattern=dict(cfg.get("rank_pattern") or {}),
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        target_parameters=list(cfg.get("target_parameters") or []) or None,
+    )
+
+
+def config_dict(settings: LoraSettings, adapted: list[LoraSite]) -> dict:
+    """adapter_config.json for the adapted sites, written by PEFT's own LoraConfig."""
+    from peft import LoraConfig
+
+    modules = sorted({s.target_name for s in adapted if s.peft_param is None})
+    params = list(dict.fromkeys(s.target_name for s in adapted if s.peft_param is not None))
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        use_rslora=settings.use_rslora,
+        bias=settings.bias,
+        init_lora_weights=settings.init_lora_weights,
+        target_modules=modules,
+        target_parameters=params or None,
+        rank_pattern=dict(settings.rank_pattern),
+        alpha_pattern=dict(settings.alpha_pattern),
+        base_model_name_or_path=settings.base_model_name_or_path,
+        inference_mode=True,
+    )
+    out = config.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return out
+
+
+def write_adapter(folder: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def read_adapter_weights(folder: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    path = os.path.join(folder, ADAPTER_WEIGHTS_PICKLE)
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_PICKLE}).")
+
+
+def group_lora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path with any .base_layer segments: {"A": tensor, "B": tensor}} from PEFT's keys."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            other.append(key)
+            continue
+        groups.setdefault(m.group(1), {})[m.group(2)] = tensor
+    if other:
+        raise AdapterError(
+            f"the adapter holds tensors velotune does not know how to load, e.g. {other[:3]}; only lora_A / "
+            "lora_B weights are supported."
+        )
+    broken = [k for k, v in groups.items() if set(v) != {"A", "B"}]
+    if broken:
+        raise AdapterError(f"the adapter lacks the lora_A or lora_B half of {broken[:3]}.")
+    return groups
+
+
+def match_groups(sites: list[LoraSite], groups: dict[str, dict], target_parameters) -> dict[LoraSite, dict]:
+    """Pairs PEFT key groups with sites. Parameter sites are told apart by their ParamWrapper depth,
+    which depends on which parameters of their module the adapter targets."""
+    by_module = {s.peft_module: s for s in sites if s.peft_param is None}
+    targeted = [
+        s for s in sites
+        if s.peft_param is not None and any(_suffix_match(s.peft_key, t) for t in (target_parameters or ()))
+    ]  # fmt: skip
+    by_wrapped = {
+        key[0][len(KEY_PREFIX) : -len(".lora_A.weight")]: s for s, key in weight_keys(targeted).items()
+    }
+    out, unknown = {}, []
+    for path, pair in groups.items():
+        site = by_module.get(path) or by_wrapped.get(path)
+        if site is None:
+            unknown.append(path)
+        else:
+            out[site] = pair
+    if unknown:
+        raise AdapterError(
+            f"the adapter adapts modules this model does not have, e.g. {unknown[:3]}. Is it an adapter for "
+            "another model (see base_model_name_or_path in adapter_config.json)?"
+        )
+    return out
