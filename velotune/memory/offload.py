@@ -1,20 +1,20 @@
 """Where a checkpointed layer's input waits for its backward: on the device, or in pinned host memory.
 
-With offload, `ActivationStore.save` copies the tensor to a pinned host buffer on a side CUDA stream
+With offload, `ActivationStore.save` copies the tensor to pinned host memory on a side CUDA stream
 while the compute stream runs on (the layer's own forward is queued right behind the copy), and
 `load` brings it back. Loads come in the reverse order of saves (the backward walks the layers
 backwards), so each load also starts copying the previous save back on a second side stream: that
 copy runs while the current layer recomputes and differentiates, and is normally done before it is
-needed. Pinned buffers go back to a pool when their tensor is loaded and are reused by later saves
-(the next step's forward), so a training run allocates its pinned memory once.
+needed. Pinned memory comes in fixed-size blocks that go back to a pool when their tensor is loaded
+and are reused by later saves (the next step's forward), so a training run allocates it once.
 
 Ordering, all through CUDA events (the host never waits):
-  save:  d2h waits for the compute stream (the tensor is ready), and for the buffer's last reader
+  save:  d2h waits for the compute stream (the tensor is ready), and for each block's last reader
          (the h2d copy of its previous tenant); the tensor is marked used by d2h so the caching
          allocator does not hand its memory out before the copy has read it.
   fetch: the device tensor is allocated on the compute stream; h2d waits for the compute stream
-         (that memory may still be read by queued kernels) and for the d2h copy into the buffer.
-  load:  the compute stream waits for the fetch; the buffer is free once that copy has finished.
+         (that memory may still be read by queued kernels) and for the d2h copy into the blocks.
+  load:  the compute stream waits for the fetch; the blocks are free once that copy has finished.
 
 CPU tensors (and `offload=False`) stay where they are: the same code path, the same numbers.
 """
@@ -27,11 +27,12 @@ import torch
 
 from velotune.errors import KernelError
 
-# Pinned allocations are rounded up so that a sequence a little longer than the last one reuses buffers.
-_ROUND_BYTES = 2 * 1024 * 1024
+# PyTorch's pinned-memory allocator rounds every request up to a power of two, so large tensors are
+# stored in blocks of this (power-of-two) size: at most one partly used block per tensor.
+BLOCK_BYTES = 64 * 1024 * 1024
 
 
-class _PinnedBuffer:
+class _PinnedBlock:
     __slots__ = ("host", "free_after")
 
     def __init__(self, nbytes: int):
@@ -43,26 +44,19 @@ class _PinnedBuffer:
         return self.host.numel()
 
 
-class SavedTensor:
-    """One saved tensor: resident (`tensor`) or offloaded (`buffer` + the events of its copies)."""
+def _block_size(nbytes: int) -> int:
+    return BLOCK_BYTES if nbytes >= BLOCK_BYTES else 1 << max(nbytes - 1, 0).bit_length()
 
-    __slots__ = (
-        "tensor",
-        "buffer",
-        "shape",
-        "dtype",
-        "device",
-        "copied",
-        "fetched",
-        "fetch_done",
-        "prev",
-        "used",
-        "__weakref__",
-    )
+
+class SavedTensor:
+    """One saved tensor: resident (`tensor`) or offloaded (`blocks` + the events of its copies)."""
+
+    __slots__ = ("tensor", "blocks", "shape", "dtype", "device", "copied", "fetched", "fetch_done", "prev", "used",
+                 "__weakref__")  # fmt: skip
 
     def __init__(self, prev: SavedTensor | None):
         self.tensor: torch.Tensor | None = None
-        self.buffer: _PinnedBuffer | None = None
+        self.blocks: list[_PinnedBlock] | None = None
         self.shape: torch.Size | None = None
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
@@ -74,14 +68,14 @@ class SavedTensor:
 
     @property
     def offloaded(self) -> bool:
-        return self.buffer is not None
+        return self.blocks is not None
 
 
 class ActivationStore:
-    """Saves checkpoint inputs for one model; keeps the pinned-buffer pool and side streams across steps."""
+    """Saves checkpoint inputs for one model; keeps the pinned-block pool and side streams across steps."""
 
     def __init__(self) -> None:
-        self._pool: list[_PinnedBuffer] = []
+        self._pool: dict[int, list[_PinnedBlock]] = {}
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._last: weakref.ref | None = None
         self.pinned_bytes = 0  # total pinned memory this store holds or has handed out
@@ -95,17 +89,22 @@ class ActivationStore:
         saved = SavedTensor(prev)
         self._last = weakref.ref(saved)
         x = x.detach()
-        if not (offload and x.is_cuda):
+        if not (offload and x.is_cuda and x.numel()):
             saved.tensor = x
             return saved
         d2h, _ = self._side_streams(x.device)
-        buf = self._take(x.numel() * x.element_size())
-        saved.buffer, saved.shape, saved.dtype, saved.device = buf, x.shape, x.dtype, x.device
+        x = x.contiguous()
+        nbytes = x.numel() * x.element_size()
+        size = _block_size(nbytes)
+        blocks = [self._take(size) for _ in range(-(-nbytes // size))]
+        saved.blocks, saved.shape, saved.dtype, saved.device = blocks, x.shape, x.dtype, x.device
         d2h.wait_stream(torch.cuda.current_stream(x.device))
-        if buf.free_after is not None:
-            d2h.wait_event(buf.free_after)
+        for block in blocks:
+            if block.free_after is not None:
+                d2h.wait_event(block.free_after)
         with torch.cuda.stream(d2h):
-            self._host_view(saved).copy_(x, non_blocking=True)
+            for block, (start, end) in zip(blocks, _ranges(nbytes, size)):
+                block.host[: end - start].copy_(_bytes(x)[start:end], non_blocking=True)
             saved.copied = torch.cuda.Event()
             saved.copied.record(d2h)
         x.record_stream(d2h)
@@ -124,9 +123,10 @@ class ActivationStore:
                 self._fetch(saved)
             torch.cuda.current_stream(saved.device).wait_event(saved.fetch_done)
             x = saved.fetched
-            saved.buffer.free_after = saved.fetch_done
-            self._pool.append(saved.buffer)
-            saved.buffer = saved.fetched = None
+            for block in saved.blocks:
+                block.free_after = saved.fetch_done
+                self._pool.setdefault(block.nbytes, []).append(block)
+            saved.blocks = saved.fetched = None
         else:
             x, saved.tensor = saved.tensor, None
         prev = saved.prev
@@ -136,8 +136,8 @@ class ActivationStore:
         return x
 
     def release(self) -> None:
-        """Drops the pooled pinned buffers (the ones handed out are freed with their graph)."""
-        self.pinned_bytes -= sum(b.nbytes for b in self._pool)
+        """Drops the pooled pinned blocks (the ones handed out are freed with their graph)."""
+        self.pinned_bytes -= sum(b.nbytes for blocks in self._pool.values() for b in blocks)
         self._pool.clear()
 
     def _fetch(self, saved: SavedTensor) -> None:
@@ -146,32 +146,30 @@ class ActivationStore:
         saved.fetched = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
         h2d.wait_stream(compute)
         h2d.wait_event(saved.copied)
+        size = saved.blocks[0].nbytes
         with torch.cuda.stream(h2d):
-            saved.fetched.copy_(self._host_view(saved), non_blocking=True)
+            dst = _bytes(saved.fetched)
+            for block, (start, end) in zip(saved.blocks, _ranges(dst.numel(), size)):
+                dst[start:end].copy_(block.host[: end - start], non_blocking=True)
             saved.fetch_done = torch.cuda.Event()
             saved.fetch_done.record(h2d)
 
-    @staticmethod
-    def _host_view(saved: SavedTensor) -> torch.Tensor:
-        nbytes = saved.shape.numel() * saved.dtype.itemsize
-        return saved.buffer.host[:nbytes].view(saved.dtype).view(saved.shape)
-
-    def _take(self, nbytes: int) -> _PinnedBuffer:
-        fits = [b for b in self._pool if b.nbytes >= nbytes]
-        if fits:
-            buf = min(fits, key=lambda b: b.nbytes)
-            self._pool.remove(buf)
-            return buf
-        if self._pool:
-            # Sequences grew: replace the largest buffer that is too small rather than keep it forever.
-            small = max(self._pool, key=lambda b: b.nbytes)
-            self._pool.remove(small)
-            self.pinned_bytes -= small.nbytes
-        size = -(-nbytes // _ROUND_BYTES) * _ROUND_BYTES
+    def _take(self, size: int) -> _PinnedBlock:
+        free = self._pool.get(size)
+        if free:
+            return free.pop()
         self.pinned_bytes += size
-        return _PinnedBuffer(size)
+        return _PinnedBlock(size)
 
     def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         if device not in self._streams:
             self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[device]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _ranges(nbytes: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, nbytes)) for start in range(0, nbytes, size)]

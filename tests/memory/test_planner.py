@@ -1,0 +1,156 @@
+"""The memory planner: parameter bytes equal the real model's, per-token activation sizes equal what
+the kernels save, and the estimates order and scale as the modes say they should."""
+
+import argparse
+
+import pytest
+import torch
+
+import velotune
+from tests.model_zoo import save_hf_model
+from velotune.errors import ConfigError
+from velotune.memory.planner import (
+    add_plan_command,
+    estimate_memory,
+    layer_bytes_per_token,
+    lora_parameter_count,
+    longest_sequence,
+)
+from velotune.models.rope_scaling import rope_cos_sin
+
+GIB = 1024**3
+FAMILIES = ["llama", "llama_tied_bias", "gemma2", "qwen3", "phi3", "mixtral"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        save_hf_model(family, str(folder))
+        out[family] = str(folder)
+    return out
+
+
+def load(folder):
+    model, _ = velotune.FastLanguageModel.from_pretrained(
+        folder, dtype=torch.float32, device_map="cpu", full_finetuning=True, progress=False
+    )
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_bytes_are_those_of_the_loaded_model(folders, family):
+    model = load(folders[family])
+    actual = sum(p.numel() * p.element_size() for p in model.parameters())
+    estimate = estimate_memory(folders[family], "full", dtype="float32", seq=16)
+    assert estimate.weights == actual
+    assert estimate.gradients == actual and estimate.optimizer == 2 * actual  # AdamW in the params' dtype
+
+
+def test_lora_parameter_count_is_rank_times_fan_in_plus_fan_out_per_projection(folders):
+    spec = load(folders["llama"]).spec
+    per_layer = 8 * ((48 + 120) + 2 * (48 + 40) + (120 + 48) + 2 * (48 + 72) + (72 + 48))
+    assert lora_parameter_count(spec, 8) == spec.num_layers * per_layer
+    assert lora_parameter_count(spec, 8, ("q_proj",)) == spec.num_layers * 8 * (48 + 120)
+
+
+def _saved_bytes_per_token(fn, x, ignore, params, tokens):
+    """Bytes of the distinct storages fn's graph saves, leaving out parameters and `ignore`d tensors."""
+    skip = {t.untyped_storage().data_ptr() for t in ignore} | params
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        # Per-row norm statistics ([..., 1] or 1-D) are a few bytes per token; the planner rounds them away.
+        if ptr not in skip and t.shape[-1] != 1 and t.dim() > 1:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    return sum(storages.values()) / tokens, out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_per_token_activation_sizes_match_what_the_triton_kernels_save(folders, family, monkeypatch):
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    model = load(folders[family])
+    layer, spec, tokens = model.layers[0], model.spec, 17
+    x = torch.randn(1, tokens, spec.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(spec.rope, torch.arange(tokens)[None], x.dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    expected = layer_bytes_per_token(spec, act_bytes=4)
+
+    attention, h = _saved_bytes_per_token(
+        lambda t: layer.attention_block(t, cos, sin, None, None), x, [x, cos, sin], params, tokens
+    )
+    h = h.detach().requires_grad_()
+    mlp, _ = _saved_bytes_per_token(layer.mlp_block, h, [h], params, tokens)
+    assert attention == expected["attention_saved"]
+    assert mlp == expected["mlp_saved"]
+
+
+def test_estimates_order_as_the_checkpointing_modes_promise(folders):
+    spec, seq = load(folders["llama"]).spec.replace(num_layers=8), 4096
+    total = {
+        (mode, policy): estimate_memory(
+            spec, seq=seq, gradient_checkpointing=mode, checkpoint_policy=policy
+        ).total
+        for mode in (False, True, "offload")
+        for policy in ("full", "save_attn")
+    }
+    assert (
+        total[(False, "full")]
+        > total[(True, "save_attn")]
+        > total[(True, "full")]
+        > total[("offload", "full")]
+    )
+    assert total[(True, "save_attn")] > total[("offload", "save_attn")]
+    offload = estimate_memory(spec, seq=seq)
+    assert (
+        offload.host_pinned > 0
+        and estimate_memory(spec, seq=seq, gradient_checkpointing=True).host_pinned == 0
+    )
+    assert estimate_memory(spec, "qlora", seq=seq).weights < offload.weights
+    assert estimate_memory(spec, seq=2 * seq).total > offload.total
+    assert estimate_memory(spec, seq=seq, batch=2).total == estimate_memory(spec, seq=2 * seq).total
+
+
+def test_longest_sequence_is_the_last_length_that_fits(folders):
+    folder, step = folders["llama"], 512
+    gpu = int(1.5 * GIB)
+    longest = longest_sequence(folder, gpu, multiple_of=step)
+    assert longest > 0 and longest % step == 0
+    assert estimate_memory(folder, seq=longest).fits(gpu)
+    assert not estimate_memory(folder, seq=longest + step).fits(gpu)
+    assert longest_sequence(folder, 2 * gpu, multiple_of=step) > longest
+    # Offloaded checkpoints need pinned host memory too: a small host caps the length.
+    host = estimate_memory(folder, seq=longest // 4).host_pinned
+    capped = longest_sequence(folder, gpu, host_bytes=host, multiple_of=step)
+    assert 0 < capped < longest
+    assert (
+        estimate_memory(folder, seq=capped).host_pinned
+        <= host
+        < estimate_memory(folder, seq=capped + step).host_pinned
+    )
+
+
+def test_plan_command_prints_the_breakdown_and_the_longest_sequence(folders, capsys):
+    parser = argparse.ArgumentParser()
+    add_plan_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["plan", folders["llama"], "--seq", "1024", "--gpu-memory", "2", "--host-memory", "4"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "total (peak at" in out and "fits in 2 GiB" in out and "longest sequence that fits" in out
+
+
+def test_bad_requests_are_refused_with_what_to_do(tmp_path, folders):
+    with pytest.raises(ConfigError, match="config.json"):
+        estimate_memory(str(tmp_path))
+    with pytest.raises(ConfigError, match="lora"):
+        estimate_memory(folders["llama"], "dora")
+    with pytest.raises(ConfigError, match="target_modules"):
+        estimate_memory(folders["llama"], target_modules=("qkv",))
