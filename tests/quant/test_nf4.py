@@ -1,0 +1,216 @@
+"""NF4 quantization: the Triton kernels against the PyTorch reference, and both against bitsandbytes 0.50
+(on CPU) bit for bit."""
+
+import math
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from velotune.errors import KernelError
+from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
+from velotune.quant.nf4 import (
+    NF4Tensor,
+    absmax_float32,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    dequantize_nf4_triton,
+    quantize_nf4,
+    quantize_nf4_reference,
+    quantize_nf4_triton,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd element counts, a tail block shorter than 64, fewer elements than one block, and sizes that
+# span several programs of every kernel (4096 elements, and 4 x 256 blocks, per program).
+SHAPES = [(10, 130), (7, 65), (3,), (1, 1), (33, 320), (300, 251)]
+
+
+def _weight(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Rows of different scales, as real weights have, so the absmax codes spread over the 8-bit table.
+    w = torch.randn(shape, generator=gen) * (
+        0.5 + torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=gen)
+    )
+    return w.to(dtype)
+
+
+def _bnb_state(q: NF4Tensor):
+    """A bitsandbytes QuantState holding our tensor's parts."""
+    state2 = None
+    if q.double_quant:
+        state2 = bnbf.QuantState(absmax=q.nested_absmax, code=q.nested_code, blocksize=q.nested_blocksize,
+                                 dtype=torch.float32)  # fmt: skip
+    return bnbf.QuantState(absmax=q.absmax, shape=q.shape, code=q.code, blocksize=q.blocksize, quant_type="nf4",
+                           dtype=q.dtype, offset=q.nested_offset, state2=state2)  # fmt: skip
+
+
+def _from_bnb(packed, state) -> NF4Tensor:
+    nested = state.state2
+    return NF4Tensor(
+        data=packed.view(-1), absmax=state.absmax, code=state.code, shape=state.shape, dtype=state.dtype,
+        blocksize=state.blocksize, nested_absmax=None if nested is None else nested.absmax,
+        nested_code=None if nested is None else nested.code, nested_offset=state.offset,
+        nested_blocksize=256 if nested is None else nested.blocksize,
+    )  # fmt: skip
+
+
+def _bnb_cpu_dequantizes(shape, blocksize) -> bool:
+    """bitsandbytes 0.50.2's CPU (AVX-512) dequantizer misplaces scales in some blocks that straddle two
+    rows (rows of 96 at blocksize 64, of 320 at 128; its own PyTorch kernel agrees with ours there).
+    Rows that are whole blocks, as in every real model, and odd rows (its PyTorch fallback) are exact."""
+    return shape[-1] % blocksize == 0 or shape[-1] % 2 == 1
+
+
+def test_tables_equal_bitsandbytes_tables_and_cuda_thresholds():
+    assert torch.equal(nf4_code(), bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_code_8bit(), bnbf.create_dynamic_map())
+    # The decision tree of bitsandbytes' CUDA quantizer (dQuantizeNF4) compares against these literals.
+    cuda_tree = [-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+                 -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+                 0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+                 0.5016634166240692, 0.6427869200706482, 0.8614784181118011]  # fmt: skip
+    assert torch.equal(midpoints(nf4_code()), torch.tensor(cuda_tree, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_reference_packs_the_same_bytes_and_scales_as_bitsandbytes(shape, dtype, blocksize):
+    w = _weight(shape, dtype, seed=1)
+    ours = quantize_nf4_reference(w, blocksize=blocksize, double_quant=False)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(ours.data, packed.view(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    if _bnb_cpu_dequantizes(shape, blocksize):
+        assert torch.equal(dequantize_nf4_reference(ours), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(10, 130), (33, 320), (300, 251), (1024, 80)])
+def test_double_quantization_matches_bitsandbytes(shape, dtype):
+    w = _weight(shape, dtype, seed=2)
+    ours = quantize_nf4_reference(w)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(ours.data, packed.view(-1))
+    assert torch.equal(ours.nested_offset, state.offset)
+    assert torch.equal(ours.nested_absmax, state.state2.absmax)
+    assert torch.equal(ours.nested_code, state.state2.code)
+    # bitsandbytes' PyTorch kernel (its CUDA kernel's rule: nearest value, reciprocal scaling) gives
+    # exactly our 8-bit codes. Its CPU C kernel approximates that search and differs by one code on
+    # about 0.1% of the values; where it does, our code is at least as close to the true value.
+    centered = absmax_float32(quantize_nf4_reference(w, double_quant=False)) - ours.nested_offset
+    dk = torch._C.DispatchKey.CompositeExplicitAutograd
+    torch_codes, _ = torch.ops.bitsandbytes.quantize_blockwise.default._op_dk(
+        dk, centered, bnbf.create_dynamic_map(), 256
+    )
+    assert torch.equal(ours.absmax, torch_codes)
+    differ = ours.absmax != state.absmax
+    assert differ.sum() <= max(2, 0.005 * differ.numel())
+    if differ.any():
+        table = ours.nested_code
+        scale = ours.nested_absmax.repeat_interleave(256)[: centered.numel()]
+        target = (centered / scale)[differ]
+        ours_err = (table[ours.absmax[differ].long()] - target).abs()
+        bnb_err = (table[state.absmax[differ].long()] - target).abs()
+        assert bool((ours_err <= bnb_err).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(257, 128), (100, 131)])
+def test_dequantizing_a_bitsandbytes_state_gives_bitsandbytes_values(shape, dtype):
+    w = _weight(shape, dtype, seed=3)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = _from_bnb(packed, state)
+    assert torch.equal(dequantize_nf4_reference(q), bnbf.dequantize_4bit(packed, state))
+    state.dtype = torch.float32  # the interpreter's bfloat16 rounding is checked on the GPU
+    assert torch.equal(dequantize_nf4_triton(q, torch.float32), bnbf.dequantize_4bit(packed, state))
+
+
+def test_bitsandbytes_dequantizes_our_tensor_to_our_values():
+    w = _weight((40, 192), torch.bfloat16, seed=4)
+    q = quantize_nf4_triton(w)
+    assert torch.equal(bnbf.dequantize_4bit(q.data.view(-1, 1), _bnb_state(q)), dequantize_nf4_reference(q))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_quantization_equals_reference_bit_for_bit(shape, dtype, double_quant):
+    w = _weight(shape, dtype, seed=5)
+    ref = quantize_nf4_reference(w, double_quant=double_quant)
+    tri = quantize_nf4_triton(w, double_quant=double_quant)
+    assert torch.equal(tri.data, ref.data)
+    assert torch.equal(tri.absmax, ref.absmax)
+    if double_quant:
+        assert torch.equal(tri.nested_absmax, ref.nested_absmax)
+        assert torch.equal(tri.nested_offset, ref.nested_offset)
+
+
+# The interpreter rounds float32 to bfloat16 by truncation, so bfloat16 output is checked on the GPU.
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_dequantization_equals_reference_bit_for_bit(shape, double_quant, out_dtype):
+    q = quantize_nf4_reference(_weight(shape, torch.bfloat16, seed=6), double_quant=double_quant)
+    out = torch.full(q.shape, float("nan"), dtype=out_dtype)
+    result = dequantize_nf4_triton(q, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, dequantize_nf4_reference(q, out_dtype))
+
+
+def test_dequantization_into_a_slice_of_a_scratch_buffer_writes_only_that_slice():
+    q = quantize_nf4_reference(_weight((24, 100), torch.float32, seed=7))
+    scratch = torch.full((50, 100), float("nan"))
+    dequantize_nf4_triton(q, out=scratch[10:34])
+    assert torch.equal(scratch[10:34], dequantize_nf4_reference(q))
+    assert scratch[:10].isnan().all() and scratch[34:].isnan().all()
+
+
+def test_all_zero_blocks_dequantize_to_exact_zeros():
+    w = _weight((4, 256), torch.float32, seed=8)
+    w[1] = 0.0
+    for q in (quantize_nf4_reference(w), quantize_nf4_triton(w)):
+        assert torch.equal(dequantize_nf4_reference(q)[1], torch.zeros(256))
+        assert torch.equal(q.data[128:256], torch.full((128,), 0x77, dtype=torch.uint8))  # code 7 is 0.0
+
+
+def test_dequantized_values_are_the_nearest_nf4_value_times_the_block_scale():
+    w = _weight((16, 192), torch.float32, seed=9)
+    q = quantize_nf4_reference(w, double_quant=False)
+    blocks = w.view(-1, 64)
+    scale = blocks.abs().amax(1, keepdim=True)
+    candidates = (nf4_code()[None, None, :] * scale[:, :, None]).expand(-1, 64, -1)
+    nearest = (candidates - blocks[:, :, None]).abs().argmin(-1)
+    assert torch.equal(
+        dequantize_nf4_reference(q).view(-1, 64), candidates.gather(2, nearest[..., None])[..., 0]
+    )
+
+
+def test_public_functions_dispatch_to_triton_when_asked(monkeypatch):
+    w = _weight((9, 70), torch.float32, seed=10)
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    q = quantize_nf4(w)
+    out = torch.full((9, 70), float("nan"))
+    dequantize_nf4(q, out=out)
+    monkeypatch.setenv("VELOTUNE_KERNELS", "reference")
+    assert torch.equal(quantize_nf4(w).data, q.data)
+    assert torch.equal(dequantize_nf4(q), out)
+
+
+def test_nf4_tensor_rejects_inconsistent_parts_and_bad_inputs():
+    q = quantize_nf4_reference(_weight((8, 64), torch.float32, seed=11))
+    with pytest.raises(KernelError, match="data must be uint8"):
+        NF4Tensor(data=q.data[:-1], absmax=q.absmax, code=q.code, shape=q.shape, dtype=q.dtype,
+                  nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)  # fmt: skip
+    with pytest.raises(KernelError, match="absmax must have"):
+        NF4Tensor(data=q.data, absmax=q.absmax[:3], code=q.code, shape=q.shape, dtype=q.dtype,
+                  nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)  # fmt: skip
+    with pytest.raises(KernelError, match="must be float32"):
+        NF4Tensor(data=q.data, absmax=q.absmax, code=q.code, shape=q.shape, dtype=q.dtype)
+    with pytest.raises(KernelError, match="int64"):
+        quantize_nf4_reference(torch.ones(64, dtype=torch.int64))
+    with pytest.raises(KernelError, match="blocksize"):
+        quantize_nf4_reference(torch.ones(64), blocksize=48)
+    assert q.nbytes() == 256 + 8 + 16 * 4 + 4 + 256 * 4 + 4
+    assert math.prod(q.shape) == q.numel() == 512

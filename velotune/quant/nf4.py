@@ -1,0 +1,425 @@
+"""NF4: blockwise 4-bit NormalFloat quantization with double-quantized scales, in bitsandbytes' format.
+
+A tensor of n elements is read flat (row-major) in blocks of `blocksize` (64) elements. Each block
+keeps absmax = max |x| and each element the index of the NF4 value nearest to x / absmax:
+
+    code[i] = #{k : threshold[k] < x[i] * (1 / absmax)}     thresholds = midpoints of the NF4 table
+
+Two codes share a byte, the earlier element in the high nibble (byte j = code[2j] << 4 | code[2j+1];
+an odd n pads one zero, code 7). With double quantization the float32 absmax vector is itself
+quantized: offset = mean(absmax), then (absmax - offset) in blocks of 256 to 8-bit codes of the
+"dynamic" table with one float32 scale per block, by the same nearest-value rule. Dequantization:
+
+    absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // 256] + offset     (two float32 roundings)
+    w[i]      = code[nibble i] * absmax[i // 64], rounded once to the output dtype
+
+Every step rounds exactly where bitsandbytes' CUDA kernels round (reciprocal-multiply scaling,
+midpoint thresholds with ties to the lower code, no fused multiply-add), so packed bytes, scales
+and dequantized values are equal bit for bit, and a bitsandbytes checkpoint converts both ways
+without loss (`velotune.quant.bnb_format`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from velotune.errors import KernelError
+from velotune.kernels._dispatch import use_triton
+from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Elements handled by one program of the 4-bit kernels; a whole number of quantization blocks.
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _inverse_scale(absmax):
+    # 1 / max(absmax, 1e-38) as bitsandbytes computes it, except that an all-zero block gets 0
+    # instead of 1e38: its elements scale to 0 either way, and 0 survives a flush-to-zero of the
+    # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. div_rn: IEEE division (plain `/`
+    # compiles to an approximate divide on NVIDIA GPUs).
+    return tl.where(absmax > 0, tl.div_rn(1.0, tl.maximum(absmax, 1e-38)), 0.0)
+
+
+# 4-bit quantization, ROWS blocks of BLOCKSIZE elements per program.
+#   absmax[b] = max |x| over block b;  code = #{thresholds < x * (1 / absmax)};  byte = hi << 4 | lo
+# Floor: read n elements, write n / 2 bytes + 4 bytes per block.
+@triton.jit
+def _quantize_nf4_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    thresholds_ptr,
+    n,
+    n_blocks,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    N_THRESHOLDS: tl.constexpr,
+):
+    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + elems, mask=elems < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    scaled = x * _inverse_scale(absmax)[:, None]
+    codes = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
+    for k in tl.static_range(N_THRESHOLDS):
+        codes += (scaled > tl.load(thresholds_ptr + k)).to(tl.int32)
+    hi, lo = tl.split(tl.reshape(codes, [ROWS, BLOCKSIZE // 2, 2]))
+    packed = ((hi << 4) | lo).to(tl.uint8)
+    # Padding elements scaled to 0 and got the code of 0.0, as bitsandbytes pads an odd tail.
+    byte_idx = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + byte_idx, packed, mask=byte_idx * 2 < n)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
+
+
+# 8-bit blockwise quantization of (absmax - offset), ROWS blocks of BLOCKSIZE per program: the
+# nearest of 2^LOG2_CODES sorted table values, found by a binary search over the midpoints.
+# Floor: read and write n_blocks values (tiny: 1/64 of the weight's elements).
+@triton.jit
+def _quantize_blockwise_8bit_kernel(
+    x_ptr,
+    offset_ptr,
+    q_ptr,
+    absmax_ptr,
+    thresholds_ptr,
+    n,
+    n_blocks,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    LOG2_CODES: tl.constexpr,
+):
+    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    mask = elems < n
+    x = tl.where(mask, tl.load(x_ptr + elems, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
+    absmax = tl.max(tl.abs(x), axis=1)
+    scaled = x * _inverse_scale(absmax)[:, None]
+    codes = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
+    for k in tl.static_range(LOG2_CODES):
+        candidate = codes + (1 << (LOG2_CODES - 1 - k))
+        codes = tl.where(scaled > tl.load(thresholds_ptr + candidate - 1), candidate, codes)
+    tl.store(q_ptr + elems, codes.to(tl.uint8), mask=mask)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
+
+
+# Dequantization, ROWS blocks per program: w = code[nibble] * absmax, absmax rebuilt from its 8-bit
+# code when DOUBLE_QUANT. Launched without fp fusion so that code2 * absmax2 + offset rounds twice
+# as bitsandbytes does, not once in an FMA.
+# Floor: read n / 2 bytes + 1 byte per block (+ 4 per 256 blocks), write n elements.
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    out_ptr,
+    n,
+    n_blocks,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    block_ok = blocks < n_blocks
+    byte_idx = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx * 2 < n, other=0).to(tl.int32)
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
+        scale2 = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * scale2 + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
+    lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
+    values = tl.interleave(hi, lo)
+    elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + elems, values.to(out_ptr.dtype.element_ty), mask=elems < n)
+
+
+@dataclass
+class NF4Tensor:
+    """A tensor quantized to NF4, holding exactly what a bitsandbytes checkpoint holds for it.
+
+    Attributes:
+        data: uint8 [ceil(numel / 2)], two 4-bit codes per byte, the earlier element in the high nibble.
+        absmax: per block of `blocksize` elements, uint8 codes (double quantization) or float32 scales.
+        code: float32 [16], the NF4 value of each 4-bit code.
+        shape, dtype: of the original tensor; dequantization returns this shape, by default this dtype.
+        nested_absmax: float32, one scale per `nested_blocksize` absmax codes (double quantization only).
+        nested_code: float32 [256], the value of each 8-bit absmax code (double quantization only).
+        nested_offset: float32 0-d, the mean absmax subtracted before 8-bit quantization.
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_offset: torch.Tensor | None = None
+    nested_blocksize: int = 256
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        n = self.numel()
+        problems = []
+        if self.blocksize not in BLOCKSIZES:
+            problems.append(f"blocksize {self.blocksize} is not one of {BLOCKSIZES}")
+        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
+            problems.append(
+                f"data must be uint8 with {(n + 1) // 2} bytes, got {self.data.dtype} {list(self.data.shape)}"
+            )
+        if self.code.numel() != 16:
+            problems.append(f"code must have 16 values, got {self.code.numel()}")
+        n_blocks = math.ceil(n / self.blocksize)
+        if self.absmax.numel() != n_blocks:
+            problems.append(f"absmax must have {n_blocks} values (one per block), got {self.absmax.numel()}")
+        if self.double_quant:
+            n_nested = math.ceil(n_blocks / self.nested_blocksize)
+            if self.absmax.dtype != torch.uint8:
+                problems.append(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
+            if self.nested_absmax.numel() != n_nested:
+                problems.append(
+                    f"nested_absmax must have {n_nested} values, got {self.nested_absmax.numel()}"
+                )
+            if self.nested_code is None or self.nested_code.numel() != 256:
+                problems.append("double quantization needs a nested_code table of 256 values")
+            if self.nested_offset is None or self.nested_offset.numel() != 1:
+                problems.append("double quantization needs a nested_offset")
+            if self.nested_blocksize & (self.nested_blocksize - 1):
+                problems.append(f"nested_blocksize {self.nested_blocksize} is not a power of two")
+        elif self.absmax.dtype != torch.float32:
+            problems.append(f"absmax without double quantization must be float32, got {self.absmax.dtype}")
+        if problems:
+            raise KernelError("inconsistent NF4 tensor: " + "; ".join(problems) + ".")
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def n_blocks(self) -> int:
+        return self.absmax.numel()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes held on the device (tables included)."""
+        parts = (self.data, self.absmax, self.code, self.nested_absmax, self.nested_code, self.nested_offset)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            data=move(self.data),
+            absmax=move(self.absmax),
+            code=move(self.code),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            nested_offset=move(self.nested_offset),
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype, out)
+
+
+def _check_input(weight: torch.Tensor, blocksize: int, nested_blocksize: int) -> None:
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise KernelError(f"NF4 quantizes float32, float16 or bfloat16 tensors, got {weight.dtype}.")
+    if blocksize not in BLOCKSIZES:
+        raise KernelError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize}.")
+    if nested_blocksize < 2 or nested_blocksize & (nested_blocksize - 1):
+        raise KernelError(f"nested_blocksize must be a power of two, got {nested_blocksize}.")
+    if weight.numel() == 0:
+        raise KernelError("cannot quantize an empty tensor.")
+
+
+def _reference_blockwise(
+    x: torch.Tensor, blocksize: int, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int64, one per element of x) and float32 absmax (one per block) of nearest-value
+    quantization of flat float32 x onto a sorted table, rounding as the Triton kernels do."""
+    n = x.numel()
+    n_blocks = math.ceil(n / blocksize)
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax.clamp(min=1e-38), torch.zeros_like(absmax))
+    codes = torch.bucketize(blocks * inverse[:, None], midpoints(table))
+    return codes.view(-1), absmax
+
+
+def quantize_nf4_reference(
+    weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256
+) -> NF4Tensor:
+    """Plain-PyTorch NF4 quantization (the definition the Triton kernels are tested against)."""
+    _check_input(weight, blocksize, nested_blocksize)
+    device = weight.device
+    code = nf4_code(device)
+    n = weight.numel()
+    codes, absmax = _reference_blockwise(weight.reshape(-1).float(), blocksize, code)
+    codes = codes[: 2 * ((n + 1) // 2)].to(torch.uint8)  # the pad of an odd tail is kept: code of 0.0
+    data = (codes[0::2] << 4) | codes[1::2]
+    q = NF4Tensor(
+        data=data, absmax=absmax, code=code, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize
+    )
+    if not double_quant:
+        return q
+    offset = absmax.mean()
+    nested_code = dynamic_code_8bit(device)
+    qabsmax, nested_absmax = _reference_blockwise(absmax - offset, nested_blocksize, nested_code)
+    return replace(
+        q,
+        absmax=qabsmax[: absmax.numel()].to(torch.uint8),
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        nested_offset=offset,
+        nested_blocksize=nested_blocksize,
+    )
+
+
+def absmax_float32(q: NF4Tensor) -> torch.Tensor:
+    """The per-block float32 scales (rebuilt from their 8-bit codes under double quantization)."""
+    if not q.double_quant:
+        return q.absmax
+    n_nested = q.nested_absmax.numel()
+    values = q.nested_code[q.absmax.long()]
+    values = torch.nn.functional.pad(values, (0, n_nested * q.nested_blocksize - values.numel()))
+    scaled = (values.view(n_nested, q.nested_blocksize) * q.nested_absmax[:, None]).view(-1)[: q.n_blocks]
+    return scaled + q.nested_offset
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-PyTorch NF4 dequantization: `q.shape` in `dtype` (default: the original dtype)."""
+    n = q.numel()
+    codes = torch.stack((q.data >> 4, q.data & 15), dim=1).view(-1).long()
+    values = q.code[codes]
+    values = torch.nn.functional.pad(values, (0, q.n_blocks * q.blocksize - values.numel()))
+    out = (values.view(q.n_blocks, q.blocksize) * absmax_float32(q)[:, None]).view(-1)[:n]
+    return out.to(dtype or q.dtype).view(q.shape)
+
+
+def _rows_per_program(blocksize: int) -> int:
+    return max(1, _ELEMENTS_PER_PROGRAM // blocksize)
+
+
+def quantize_nf4_triton(
+    weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256
+) -> NF4Tensor:
+    """NF4 quantization by the Triton kernels (on `weight`'s device; CPU only under the interpreter)."""
+    _check_input(weight, blocksize, nested_blocksize)
+    device = weight.device
+    x = weight.reshape(-1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n = x.numel()
+    n_blocks = math.ceil(n / blocksize)
+    code = nf4_code(device)
+    data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    rows = _rows_per_program(blocksize)
+    _quantize_nf4_kernel[(triton.cdiv(n_blocks, rows),)](
+        x, data, absmax, midpoints(code), n, n_blocks, BLOCKSIZE=blocksize, ROWS=rows, N_THRESHOLDS=15
+    )
+    q = NF4Tensor(
+        data=data, absmax=absmax, code=code, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize
+    )
+    if not double_quant:
+        return q
+    # torch's mean, as bitsandbytes takes it: the same reduction on the same values gives the same float.
+    offset = absmax.mean()
+    nested_code = dynamic_code_8bit(device)
+    n_nested = math.ceil(n_blocks / nested_blocksize)
+    qabsmax = torch.empty(n_blocks, dtype=torch.uint8, device=device)
+    nested_absmax = torch.empty(n_nested, dtype=torch.float32, device=device)
+    rows = max(1, 1024 // nested_blocksize)
+    _quantize_blockwise_8bit_kernel[(triton.cdiv(n_nested, rows),)](
+        absmax, offset, qabsmax, nested_absmax, midpoints(nested_code), n_blocks, n_nested,
+        BLOCKSIZE=nested_blocksize, ROWS=rows, LOG2_CODES=8,
+    )  # fmt: skip
+    return replace(
+        q,
+        absmax=qabsmax,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        nested_offset=offset,
+        nested_blocksize=nested_blocksize,
+    )
+
+
+def _output(q: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out.numel() != q.numel() or not out.is_contiguous() or out.device != q.device:
+        raise KernelError(
+            f"dequantize_nf4: out must be a contiguous tensor of {q.numel()} elements on {q.device}, got "
+            f"{list(out.shape)} on {out.device} (contiguous={out.is_contiguous()})."
+        )
+    return out
+
+
+def dequantize_nf4_triton(
+    q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NF4 dequantization by the Triton kernel, into `out` (any float dtype, q.numel() elements) if given."""
+    out = _output(q, dtype or q.dtype, out)
+    rows = _rows_per_program(q.blocksize)
+    nested = q.double_quant
+    _dequantize_nf4_kernel[(triton.cdiv(q.n_blocks, rows),)](
+        q.data,
+        q.absmax,
+        q.code,
+        q.nested_absmax if nested else q.absmax,
+        q.nested_code if nested else q.code,
+        q.nested_offset if nested else q.absmax,
+        out,
+        q.numel(),
+        q.n_blocks,
+        BLOCKSIZE=q.blocksize,
+        NESTED_BLOCKSIZE=q.nested_blocksize,
+        ROWS=rows,
+        DOUBLE_QUANT=nested,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def quantize_nf4(
+    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256
+) -> NF4Tensor:
+    """Quantizes `weight` (any shape, fp32/fp16/bf16) to NF4 on its device, as bitsandbytes'
+    `quantize_4bit(weight, blocksize, compress_statistics=double_quant, quant_type="nf4")` does."""
+    if use_triton(weight):
+        return quantize_nf4_triton(weight, blocksize, double_quant, nested_blocksize)
+    return quantize_nf4_reference(weight, blocksize, double_quant, nested_blocksize)
+
+
+def dequantize_nf4(
+    q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dequantized tensor in `dtype` (default: the original dtype), written into `out` when given
+    (a contiguous buffer of q.numel() elements, e.g. a slice of a reused scratch buffer)."""
+    if use_triton(q.data):
+        return dequantize_nf4_triton(q, dtype, out)
+    result = dequantize_nf4_reference(q, dtype if out is None else out.dtype)
+    if out is None:
+        return result
+    return _output(q, out.dtype, out).view(q.shape).copy_(result)
