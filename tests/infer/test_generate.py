@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 
 import velotune
 from velotune.errors import ConfigError
@@ -54,3 +55,56 @@ def test_right_padded_prompts_are_refused(pair):
     _, ours = pair
     with pytest.raises(ConfigError, match="left-padded"):
         ours.generate(torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A Llama with a real byte-level BPE tokenizer (vocabulary of the model's size)."""
+    from velotune.quickstart import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama_tok")
+    tok = build_tokenizer(str(folder))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1)  # varied tokens, so that a stop string can end generation early
+    hf.save_pretrained(str(folder))
+    ours, _ = velotune.FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu")
+    return hf, ours, tok
+
+
+def test_stop_strings_end_generation_where_transformers_does(with_tokenizer):
+    hf, ours, tok = with_tokenizer
+    prompt = tok("A LoRA adapter", return_tensors="pt").input_ids
+    free = ours.generate(prompt, max_new_tokens=12)
+    # A stop string spanning two new tokens' text (the later one completes it), taken where the text is
+    # plain (no special token, no partial UTF-8 character), at the latest such place.
+    new = free[0, prompt.shape[1] :].tolist()
+    texts = [tok.decode(new[:k]) for k in range(len(new) + 1)]
+    plain = [k for k in range(2, len(new)) if new[k - 1] > 2 and "\ufffd" not in texts[k] and len(texts[k]) > len(texts[k - 1]) > 0
+             and texts[k - 1] == texts[k][: len(texts[k - 1])]]  # fmt: skip
+    k = plain[-1]
+    stop = texts[k][len(texts[k - 1]) - 1 :]
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tok,
+                           pad_token_id=0, eos_token_id=None)  # fmt: skip
+    got = ours.generate(prompt, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
+    assert torch.equal(got, expected)
+    assert got.shape[1] <= prompt.shape[1] + k
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(with_tokenizer):
+    _, ours, _ = with_tokenizer
+    with pytest.raises(ConfigError, match="tokenizer"):
+        ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2, stop_strings=["x"])
+
+
+def test_transformers_text_streamer_receives_what_is_generated(with_tokenizer):
+    _, ours, tok = with_tokenizer
+    prompt = tok("Packing puts", return_tensors="pt").input_ids
+    streamer = transformers.TextIteratorStreamer(tok, skip_prompt=True)
+    out = ours.generate(prompt, max_new_tokens=10, streamer=streamer)
+    streamed = "".join(streamer)  # the queue is complete: generate() has returned and called end()
+    assert streamed == tok.decode(out[0, prompt.shape[1] :])
