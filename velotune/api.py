@@ -12,6 +12,7 @@ from velotune.errors import AdapterError, UnsupportedModelError
 from velotune.io.load import load_model
 from velotune.io.tokenizer import TOKENIZER_FILES, load_tokenizer
 from velotune.lora.peft_format import ADAPTER_CONFIG, read_settings
+from velotune.memory.checkpoint import checkpoint_mode
 from velotune.model import VelotuneModel
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class FastLanguageModel:
         lora_dropout: float = 0.0,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str = "offload",
         random_state: int = 3407,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
@@ -110,7 +111,8 @@ class FastLanguageModel:
                 Mixtral's experts and router; gate_proj/up_proj/down_proj select Mixtral's experts too),
                 "all-linear", or a regular expression over the module paths.
             bias: "none" (the only supported value for now).
-            use_gradient_checkpointing: True, "offload" (for now the same as True) or False.
+            use_gradient_checkpointing: "offload" (layer inputs wait in pinned CPU memory), True (on the GPU)
+                or False; see velotune.memory.checkpoint.
             random_state: seed of the LoRA initialisation.
             init_lora_weights: True (A kaiming-uniform, B zero), "gaussian", or False (B random too).
             lora_dtype: dtype of the LoRA weights; default float32 on a 16-bit base (as PEFT), else the base's.
@@ -133,7 +135,7 @@ class FastLanguageModel:
             init_lora_weights=init_lora_weights,
             lora_dtype=lora_dtype,
         )
-        model.gradient_checkpointing = bool(use_gradient_checkpointing)
+        model.gradient_checkpointing = checkpoint_mode(use_gradient_checkpointing)
         return FastLanguageModel.for_training(model)
 
     @staticmethod
