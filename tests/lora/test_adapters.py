@@ -308,3 +308,56 @@ def test_lora_dropout_is_reproducible_under_a_seed_and_off_for_inference(tmp_pat
         no_dropout = model(input_ids=ids, labels=labels).loss
     assert torch.equal(eval_loss, no_dropout)
     assert rel_err(first, no_dropout) > 1e-4, "dropout must change the training loss"
+
+
+def transformers4_mixtral_adapter(folder, base: str, r=4, lora_alpha=8, seed=0) -> str:
+    """A Mixtral adapter as PEFT wrote them with Transformers 4: one LoRA pair per expert and
+    projection (block_sparse_moe.experts.E.w1, ...) and the router as block_sparse_moe.gate."""
+    from safetensors.torch import save_file
+
+    spec = load_ours(base).spec
+    hidden, inter, q = spec.hidden_size, spec.intermediate_size, spec.q_size
+    gen = torch.Generator().manual_seed(seed)
+
+    def pair(prefix, fan_in, fan_out):
+        return {
+            f"{prefix}.lora_A.weight": torch.randn(r, fan_in, generator=gen) * 0.1,
+            f"{prefix}.lora_B.weight": torch.randn(fan_out, r, generator=gen) * 0.1,
+        }
+
+    tensors = {}
+    for layer in range(spec.num_layers):
+        p = f"base_model.model.model.layers.{layer}."
+        tensors.update(pair(p + "self_attn.q_proj", hidden, q))
+        tensors.update(pair(p + "block_sparse_moe.gate", hidden, spec.moe.num_experts))
+        for e in range(spec.moe.num_experts):
+            for name, (fan_in, fan_out) in {
+                "w1": (hidden, inter),
+                "w3": (hidden, inter),
+                "w2": (inter, hidden),
+            }.items():
+                tensors.update(pair(f"{p}block_sparse_moe.experts.{e}.{name}", fan_in, fan_out))
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "gate", "w1", "w2", "w3"],
+                             task_type="CAUSAL_LM", base_model_name_or_path=base).to_dict()  # fmt: skip
+    config["target_modules"] = sorted(config["target_modules"])
+    with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def test_per_expert_mixtral_adapters_of_transformers_4_load_as_peft_converts_them(tmp_path):
+    save_hf_model("mixtral", str(tmp_path))
+    adapter = transformers4_mixtral_adapter(str(tmp_path / "v4"), str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(build_hf_model("mixtral"), adapter)
+    ids, _, _ = random_batch(2, 7, seed=13)
+    expected = logits(theirs, ids)
+    ours = load_ours(tmp_path).load_adapter(adapter)
+    assert rel_err(logits(ours, ids), expected) < 1e-5
+    moe = ours.layers[0].mlp
+    assert moe.rank == {"router": 4, "gate_up": 8, "down": 4}
+    # Saved again (Transformers 5 layout), PEFT reads the same model back.
+    ours.save_pretrained(str(tmp_path / "v5"))
+    again = peft.PeftModel.from_pretrained(build_hf_model("mixtral"), str(tmp_path / "v5"))
+    assert rel_err(logits(again, ids), expected) < 1e-5

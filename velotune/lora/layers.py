@@ -79,6 +79,7 @@ class LoraProjection(Projection):
     def __init__(self, base: Projection):
         with torch.device("meta"):
             super().__init__(base.in_features, base.out_sizes, base.names, bias=False)
+        del self.weight  # the base's weight object may be a quantized weight module, not a Parameter
         self.weight = base.weight
         self.bias = base.bias
         self.lora_A: nn.Parameter | None = None
@@ -125,7 +126,7 @@ class LoraProjection(Projection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.rank:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         return lora_projection(
             x,
             self.weight,
@@ -168,6 +169,7 @@ class LoraProjection(Projection):
         """A plain `Projection` over the same weight and bias objects (LoRA dropped, merged or not)."""
         with torch.device("meta"):
             plain = Projection(self.in_features, self.out_sizes, self.names, bias=False)
+        del plain.weight
         plain.weight = self.weight
         plain.bias = self.bias
         return plain

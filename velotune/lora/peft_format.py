@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from velotune.errors import AdapterError
+from velotune.lora.layers import LoraFactors, lora_scale
 from velotune.models.families import family_of
 from velotune.models.layers import Projection, SparseMoE
 
@@ -384,9 +385,120 @@ def group_lora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
     return groups
 
 
-def match_groups(sites: list[LoraSite], groups: dict[str, dict], target_parameters) -> dict[LoraSite, dict]:
-    """Pairs PEFT key groups with sites. Parameter sites are told apart by their ParamWrapper depth,
-    which depends on which parameters of their module the adapter targets."""
+def site_shapes(model, site: LoraSite, r: int) -> tuple[tuple, tuple, int]:
+    """Shapes of A and B (velotune's layout) for rank r at `site`, and A's fan-in."""
+    module = model.get_submodule(site.module)
+    if isinstance(module, Projection):
+        out = module.out_sizes[module.names.index(site.unit)]
+        return (r, module.in_features), (out, r), module.in_features
+    base = getattr(module, site.unit).shape  # a sparse MoE's units are its tensors' attribute names
+    lead, out, inp = tuple(base[:-2]), base[-2], base[-1]
+    return (*lead, r, inp), (*lead, out, r), inp
+
+
+def adapter_factors(
+    model, settings: LoraSettings, tensors: dict[str, torch.Tensor]
+) -> dict[LoraSite, LoraFactors]:
+    """The LoRA pairs an adapter file holds, per site of `model`, in velotune's layout (on the CPU).
+
+    Keys are PEFT's for this model, or, for MoE experts, the per-expert keys PEFT wrote with
+    Transformers 4 (block_sparse_moe.experts.E.w1, ...), which are folded into the fused tensors'
+    pairs exactly as PEFT converts them.
+    """
+    sites = lora_sites(model)
+    groups = group_lora_keys(tensors)
+    matched, unknown = match_groups(sites, groups, settings.target_parameters)
+    factors = {}
+    for site, pair in matched.items():
+        a, b = from_peft_layout(site, pair["A"], pair["B"])
+        rank = a.shape[-2]
+        expected = pattern_value(settings.rank_pattern, site.peft_key, settings.r)
+        if rank != expected:
+            raise AdapterError(
+                f"{site.peft_key} has LoRA rank {rank} but adapter_config.json says {expected}."
+            )
+        _check_shapes(model, site, a, b)
+        alpha = pattern_value(settings.alpha_pattern, site.peft_key, settings.lora_alpha)
+        factors[site] = LoraFactors(a, b, rank, alpha, lora_scale(rank, alpha, settings.use_rslora))
+    factors.update(_per_expert_factors(model, sites, {path: groups[path] for path in unknown}, settings))
+    return factors
+
+
+def _check_shapes(model, site: LoraSite, a: torch.Tensor, b: torch.Tensor) -> None:
+    a_shape, b_shape, _ = site_shapes(model, site, a.shape[-2])
+    if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
+        raise AdapterError(
+            f"LoRA for {site.peft_key} has shapes {list(a.shape)}, {list(b.shape)} but this model needs "
+            f"{list(a_shape)}, {list(b_shape)}. Is the adapter for another model?"
+        )
+
+
+def _per_expert_factors(
+    model, sites, groups: dict[str, dict], settings: LoraSettings
+) -> dict[LoraSite, LoraFactors]:
+    """Per-expert LoRA pairs (Transformers 4 layout) stacked into the fused MoE tensors' pairs: each
+    piece's A rows are appended and its B placed at the rows it adapts, its own scale folded into B."""
+    if not groups:
+        return {}
+    slots = family_of(model.spec.model_type).tensor_slots(model.spec)
+    moe_sites = {f"{s.module}.{s.unit}": s for s in sites if s.peft_param is not None}
+    pieces: dict[LoraSite, list] = {}
+    unknown = []
+    for path, pair in groups.items():
+        slot = slots.get(f"{path}.weight")
+        site = moe_sites.get(slot.internal) if slot is not None else None
+        if site is None:
+            unknown.append(path)
+            continue
+        rank = pair["A"].shape[0]
+        expected = pattern_value(settings.rank_pattern, path, settings.r)
+        if rank != expected:
+            raise AdapterError(f"{path} has LoRA rank {rank} but adapter_config.json says {expected}.")
+        alpha = pattern_value(settings.alpha_pattern, path, settings.lora_alpha)
+        pieces.setdefault(site, []).append(
+            (slot.index, pair["A"], pair["B"], lora_scale(rank, alpha, settings.use_rslora))
+        )
+    if unknown:
+        raise AdapterError(
+            f"the adapter adapts modules this model does not have, e.g. {unknown[:3]}. Is it an adapter for "
+            "another model (see base_model_name_or_path in adapter_config.json)?"
+        )
+    factors = {}
+    for site, parts in pieces.items():
+        scale = parts[0][3]
+        lead = [index[0] for index, *_ in parts if index]
+        experts = sorted(set(lead)) if lead else [None]
+        per_expert = {e: [p for p in parts if (p[0][0] if p[0] else None) == e] for e in experts}
+        ranks = {sum(p[1].shape[0] for p in group) for group in per_expert.values()}
+        if len(ranks) != 1 or (lead and len(experts) != site.num_experts):
+            raise AdapterError(
+                f"the per-expert LoRA weights of {site.peft_key} do not cover every expert alike."
+            )
+        rank = ranks.pop()
+        a_shape, b_shape, _ = site_shapes(model, site, rank)
+        a, b = torch.zeros(a_shape, dtype=parts[0][1].dtype), torch.zeros(b_shape, dtype=parts[0][2].dtype)
+        for e, group in per_expert.items():
+            a_e, b_e = (a, b) if e is None else (a[e], b[e])
+            col = 0
+            for index, pa, pb, piece_scale in group:
+                rows = index[1] if len(index) > 1 else slice(None)
+                r = pa.shape[0]
+                if a_e[col : col + r].shape != pa.shape or b_e[rows, col : col + r].shape != pb.shape:
+                    raise AdapterError(
+                        f"per-expert LoRA for {site.peft_key} does not fit the expert's shape."
+                    )
+                a_e[col : col + r] = pa
+                b_e[rows, col : col + r] = pb * (piece_scale / scale)
+                col += r
+        alpha = scale * (rank**0.5 if settings.use_rslora else rank)
+        factors[site] = LoraFactors(a, b, rank, alpha, scale)
+    return factors
+
+
+def match_groups(sites: list[LoraSite], groups: dict[str, dict], target_parameters) -> tuple[dict, list[str]]:
+    """Pairs PEFT key groups with sites; returns (site -> group, paths of groups that fit no site).
+    Parameter sites are told apart by their ParamWrapper depth, which depends on which parameters of
+    their module the adapter targets."""
     by_module = {s.peft_module: s for s in sites if s.peft_param is None}
     targeted = [
         s for s in sites
@@ -402,9 +514,4 @@ def match_groups(sites: list[LoraSite], groups: dict[str, dict], target_paramete
             unknown.append(path)
         else:
             out[site] = pair
-    if unknown:
-        raise AdapterError(
-            f"the adapter adapts modules this model does not have, e.g. {unknown[:3]}. Is it an adapter for "
-            "another model (see base_model_name_or_path in adapter_config.json)?"
-        )
-    return out
+    return out, unknown

@@ -57,17 +57,6 @@ def _lora_module(model: nn.Module, path: str) -> LoraProjection | LoraSparseMoE:
     return wrapped
 
 
-def _site_shapes(model: nn.Module, site: LoraSite, r: int) -> tuple[tuple, tuple, int]:
-    """Shapes of A and B for rank r at `site`, and A's fan-in."""
-    module = model.get_submodule(site.module)
-    if isinstance(module, Projection):
-        out = module.out_sizes[module.names.index(site.unit)]
-        return (r, module.in_features), (out, r), module.in_features
-    base = {"router": module.router, "gate_up": module.gate_up, "down": module.down}[site.unit].shape
-    lead, out, inp = tuple(base[:-2]), base[-2], base[-1]
-    return (*lead, r, inp), (*lead, out, r), inp
-
-
 def _place(
     model: nn.Module, factors: dict[LoraSite, LoraFactors], requires_grad: bool, dropout: float
 ) -> None:
@@ -163,9 +152,9 @@ def add_lora(
         if site not in chosen:
             continue
         rank, alpha = r * chosen[site], lora_alpha * chosen[site]
-        a_shape, b_shape, fan_in = _site_shapes(model, site, rank)
+        a_shape, b_shape, fan_in = fmt.site_shapes(model, site, rank)
         a, b = init_factors(a_shape, b_shape, fan_in, rank, init_lora_weights, generator)
-        device = model.get_submodule(site.module).parameters().__next__().device
+        device = next(model.get_submodule(site.module).parameters()).device
         factors[site] = LoraFactors(
             a.to(device, dtype), b.to(device, dtype), rank, alpha, lora_scale(rank, alpha, use_rslora)
         )
@@ -240,12 +229,14 @@ def load_adapter(model: nn.Module, folder: str, is_trainable: bool = False) -> n
     """Loads a PEFT-format LoRA adapter; on sites that already carry LoRA, the loaded weights replace it."""
     settings = fmt.read_settings(folder)
     tensors = fmt.read_adapter_weights(folder)
-    sites = fmt.lora_sites(model)
-    matched = fmt.match_groups(sites, fmt.group_lora_keys(tensors), settings.target_parameters)
-    if not matched:
+    try:
+        loaded = fmt.adapter_factors(model, settings, tensors)
+    except AdapterError as exc:
+        raise AdapterError(f"{folder}: {exc}") from exc
+    if not loaded:
         raise AdapterError(f"{folder} holds no LoRA weights.")
     existing = lora_modules(model)
-    kept = [s for s, _ in adapted_sites(model) if s not in matched]
+    kept = [s for s, _ in adapted_sites(model) if s not in loaded]
     if kept and model.lora_settings.use_rslora != settings.use_rslora:
         raise AdapterError(
             f"{folder} has use_rslora={settings.use_rslora} but the model keeps LoRA with "
@@ -254,29 +245,9 @@ def load_adapter(model: nn.Module, folder: str, is_trainable: bool = False) -> n
     dtypes = [p.dtype for m in existing.values() for p in m.lora_B.values()]
     dtype = dtypes[0] if dtypes else lora_dtype_for(model.dtype)
     factors = {}
-    for site, pair in matched.items():
-        a, b = fmt.from_peft_layout(site, pair["A"], pair["B"])
-        rank = a.shape[-2]
-        expected = fmt.pattern_value(settings.rank_pattern, site.peft_key, settings.r)
-        if rank != expected:
-            raise AdapterError(
-                f"{folder}: {site.peft_key} has LoRA rank {rank} but adapter_config.json says {expected}."
-            )
-        a_shape, b_shape, _ = _site_shapes(model, site, rank)
-        if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
-            raise AdapterError(
-                f"{folder}: LoRA for {site.peft_key} has shapes {list(a.shape)}, {list(b.shape)} but this model "
-                f"needs {list(a_shape)}, {list(b_shape)}. Is the adapter for another model?"
-            )
-        alpha = fmt.pattern_value(settings.alpha_pattern, site.peft_key, settings.lora_alpha)
-        device = model.get_submodule(site.module).parameters().__next__().device
-        factors[site] = LoraFactors(
-            a.to(device, dtype),
-            b.to(device, dtype),
-            rank,
-            alpha,
-            lora_scale(rank, alpha, settings.use_rslora),
-        )
+    for site, f in loaded.items():
+        device = next(model.get_submodule(site.module).parameters()).device
+        factors[site] = LoraFactors(f.a.to(device, dtype), f.b.to(device, dtype), f.r, f.alpha, f.scale)
     if settings.lora_dropout > 0 and any(s.peft_param is not None for s in factors):
         raise AdapterError(
             f"{folder}: lora_dropout > 0 with MoE parameter targets is not a valid PEFT adapter."
