@@ -48,11 +48,19 @@ def test_weight_bytes_are_those_of_the_loaded_model(folders, family):
     assert estimate.gradients == actual and estimate.optimizer == 2 * actual  # AdamW in the params' dtype
 
 
-def test_lora_parameter_count_is_rank_times_fan_in_plus_fan_out_per_projection(folders):
-    spec = load(folders["llama"]).spec
-    per_layer = 8 * ((48 + 120) + 2 * (48 + 40) + (120 + 48) + 2 * (48 + 72) + (72 + 48))
-    assert lora_parameter_count(spec, 8) == spec.num_layers * per_layer
-    assert lora_parameter_count(spec, 8, ("q_proj",)) == spec.num_layers * 8 * (48 + 120)
+@pytest.mark.parametrize(
+    "family,targets",
+    [
+        ("llama", "all-linear"),
+        ("phi3", "all-linear"),  # fused qkv_proj and gate_up_proj
+        ("mixtral", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        ("llama", ("q_proj", "down_proj")),
+    ],
+)
+def test_lora_parameter_count_is_what_get_peft_model_adds(folders, family, targets):
+    model = velotune.FastLanguageModel.get_peft_model(load(folders[family]), r=8, target_modules=targets)
+    added = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_parameter_count(model.spec, 8, None if targets == "all-linear" else targets) == added
 
 
 def _saved_bytes_per_token(fn, x, ignore, params, tokens):

@@ -32,7 +32,6 @@ from velotune.memory.offload import BLOCK_BYTES
 from velotune.models.spec import ArchSpec
 
 METHODS = ("lora", "qlora", "full")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # NF4 as bitsandbytes stores it: 4 bits per weight, an 8-bit absmax per 64 weights, and a float32
 # constant per 256 absmax values (double quantization).
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -117,18 +116,22 @@ def _dtype_bytes(dtype) -> int:
 
 
 def _projections(spec: ArchSpec) -> dict[str, tuple[int, int, int]]:
-    """PEFT name -> (in, out, copies per layer) of every linear map in a layer."""
+    """PEFT name -> (in, out, copies per layer) of every linear map in a layer (fused maps by their
+    fused name, as the family's checkpoints and PEFT call them)."""
     h, i = spec.hidden_size, spec.intermediate_size
     experts = spec.moe.num_experts if spec.moe is not None else 1
-    return {
-        "q_proj": (h, spec.q_size, 1),
-        "k_proj": (h, spec.kv_size, 1),
-        "v_proj": (h, spec.kv_size, 1),
-        "o_proj": (spec.q_size, h, 1),
-        "gate_proj": (h, i, experts),
-        "up_proj": (h, i, experts),
-        "down_proj": (i, h, experts),
-    }
+    shapes = {}
+    if len(spec.qkv_names) == 1:
+        shapes[spec.qkv_names[0]] = (h, spec.q_size + 2 * spec.kv_size, 1)
+    else:
+        shapes.update(zip(spec.qkv_names, [(h, spec.q_size, 1), (h, spec.kv_size, 1), (h, spec.kv_size, 1)]))
+    shapes["o_proj"] = (spec.q_size, h, 1)
+    if len(spec.gate_up_names) == 1:
+        shapes[spec.gate_up_names[0]] = (h, 2 * i, experts)
+    else:
+        shapes.update(zip(spec.gate_up_names, [(h, i, experts), (h, i, experts)]))
+    shapes["down_proj"] = (i, h, experts)
+    return shapes
 
 
 def parameter_counts(spec: ArchSpec) -> tuple[int, int]:
@@ -144,12 +147,20 @@ def parameter_counts(spec: ArchSpec) -> tuple[int, int]:
     return spec.num_layers * linear, spec.num_layers * (bias + norms + router) + embeddings + h
 
 
-def lora_parameter_count(spec: ArchSpec, r: int, target_modules=LORA_TARGETS) -> int:
+def lora_parameter_count(spec: ArchSpec, r: int, target_modules=None) -> int:
+    """LoRA parameters of rank r on target_modules (PEFT names; None: every linear map of the layers)."""
     shapes = _projections(spec)
-    unknown = [t for t in target_modules if t not in shapes]
+    targets = list(shapes) if target_modules is None else list(target_modules)
+    unknown = [t for t in targets if t not in shapes]
     if unknown:
         raise ConfigError(f"target_modules {unknown} are not planned for; use names among {list(shapes)}.")
-    return spec.num_layers * sum(r * (shapes[t][0] + shapes[t][1]) * shapes[t][2] for t in target_modules)
+    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) * shapes[t][2] for t in targets)
+    moe_gate_up = [t for t in targets if t in spec.gate_up_names]
+    if spec.moe is not None and moe_gate_up:
+        # Experts store gate/up fused: one pair of rank 2r per expert (PEFT's layout for them).
+        h, i, n = spec.hidden_size, spec.intermediate_size, spec.moe.num_experts
+        per_layer += n * 2 * r * (h + 2 * i) - sum(r * (h + i) * n for _ in moe_gate_up)
+    return spec.num_layers * per_layer
 
 
 def layer_bytes_per_token(spec: ArchSpec, act_bytes: int, lora_rank: int = 0) -> dict[str, float]:
@@ -183,7 +194,7 @@ def estimate_memory(
     batch: int = 1,
     seq: int = 2048,
     lora_r: int = 16,
-    target_modules=LORA_TARGETS,
+    target_modules=None,
     gradient_checkpointing: bool | str = "offload",
     checkpoint_policy: str = "full",
     mlp_tile_tokens: int | None = None,
@@ -197,7 +208,7 @@ def estimate_memory(
         model: a model folder, a config.json path, a config dict or an `ArchSpec`.
         method: "lora", "qlora" (NF4 base, LoRA) or "full".
         batch, seq: tokens per step are batch * seq.
-        lora_r, target_modules: LoRA rank and the projections that carry it (PEFT names).
+        lora_r, target_modules: LoRA rank and the projections that carry it (PEFT names; None: all).
         gradient_checkpointing, checkpoint_policy, mlp_tile_tokens: as on the model
             (`velotune.memory.checkpoint`).
         dtype: activations and 16-bit weights; lora_dtype: LoRA weights (float32 as PEFT keeps them).
@@ -228,7 +239,8 @@ def estimate_memory(
         trainable = n_trainable * param_bytes
     state_bytes = {"adamw": 2 * param_bytes, "adamw8bit": 2, "sgd": 0}[optimizer]
 
-    attention_rank = sum(lora_r for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in target_modules)
+    targets = _projections(spec) if target_modules is None else target_modules
+    attention_rank = sum(lora_r for t in (*spec.qkv_names, "o_proj") if t in targets)
     per = layer_bytes_per_token(spec, act, attention_rank if method != "full" else 0)
     hidden = per["hidden"] * tokens
     tile = mlp_tile_tokens if mlp_tile_tokens is not None else (DEFAULT_TILE_TOKENS if mode else 0)
