@@ -6,6 +6,7 @@ Injection swaps each adapted `Projection` for a `LoraProjection` (and a `SparseM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -68,13 +69,6 @@ def _place(
         module.set_lora(units, requires_grad=requires_grad)
         if isinstance(module, LoraProjection):
             module.lora_dropout = dropout
-
-
-def freeze_base(model: nn.Module) -> None:
-    lora = {id(p) for m in lora_modules(model).values() for p in (*m.lora_B.values(), *_a_params(m))}
-    for p in model.parameters():
-        if id(p) not in lora:
-            p.requires_grad_(False)
 
 
 def _a_params(module) -> list[nn.Parameter]:
@@ -211,7 +205,11 @@ def save_adapter(model: nn.Module, folder: str) -> None:
         raise AdapterError("this model has no LoRA adapter to save.")
     if any(m.merged for _, m in adapted):
         raise AdapterError("the adapter is merged into the base weights; save before merging, or unmerge.")
-    settings = model.lora_settings
+    settings = dataclasses.replace(
+        model.lora_settings,
+        rank_pattern=dict(model.lora_settings.rank_pattern),
+        alpha_pattern=dict(model.lora_settings.alpha_pattern),
+    )
     for site, module in adapted:
         expected_r = fmt.pattern_value(settings.rank_pattern, site.peft_key, settings.r)
         expected_alpha = fmt.pattern_value(settings.alpha_pattern, site.peft_key, settings.lora_alpha)
