@@ -264,7 +264,7 @@ def offload_cost(device: str, smoke: bool) -> list[dict]:
             break
         ids = tokens(cfg["vocab_size"], 1, seq, device)
 
-        def step():
+        def step(model=model, ids=ids):
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
 
@@ -310,7 +310,7 @@ def planner(device: str, smoke: bool) -> list[dict]:
                 break
             ids = tokens(cfg["vocab_size"], 1, seq, device)
 
-            def step():
+            def step(model=model, opt=opt, ids=ids):
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
