@@ -58,10 +58,20 @@ def _mm(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 def _load_tile(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     # Masks cost registers and predication: full tiles with a power-of-two head dim load without one.
     if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
         return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if EVEN_D:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, value, row_ok, d_ok, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, value, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, value, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -185,8 +195,8 @@ def _attn_fwd(
     d_ok = cols < HEAD_DIM
     q_pos = rows + offset
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :],
+                   row_ok, d_ok, True, BLOCK_D == HEAD_DIM)
     q_doc = q_pos
     if PACKED:
         q_doc = tl.load(DOC_START + q_pos, mask=row_ok, other=-2)
@@ -217,8 +227,8 @@ def _attn_fwd(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    tl.store(OUT + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(OUT + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :],
+                out.to(OUT.dtype.element_ty), row_ok, d_ok, BLOCK_D == HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
 
 
@@ -296,13 +306,12 @@ def _attn_bwd_dq(
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     d_ok = cols < HEAD_DIM
-    tile_ok = row_ok[:, None] & d_ok[None, :]
     q_pos = rows + offset
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :],
-                mask=tile_ok, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :],
-                 mask=tile_ok, other=0.0)
+    q = _load_tile(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :],
+                   row_ok, d_ok, True, BLOCK_D == HEAD_DIM)
+    do = _load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :],
+                    row_ok, d_ok, True, BLOCK_D == HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
     q_doc = q_pos
@@ -327,8 +336,8 @@ def _attn_bwd_dq(
                        q_pos, q_doc, DOC_START, pad_row, kv_len, window, scale_log2, cap_in, cap_out_log2,
                        cols, d_ok, BLOCK_N, BLOCK_D == HEAD_DIM, False, HAS_WINDOW, PACKED, HAS_PAD,
                        SOFTCAP, UPCAST, IEEE)
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + cols[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
+    _store_tile(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + cols[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), row_ok, d_ok, BLOCK_D == HEAD_DIM)
 
 
 @triton.jit
@@ -392,12 +401,11 @@ def _attn_bwd_dkdv(
     cols = tl.arange(0, BLOCK_D)
     key_ok = k_pos < kv_len
     d_ok = cols < HEAD_DIM
-    tile_ok = key_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk * stride_kh + k_pos[:, None] * stride_ks + cols[None, :],
-                mask=tile_ok, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk * stride_vh + k_pos[:, None] * stride_vs + cols[None, :],
-                mask=tile_ok, other=0.0)
+    k = _load_tile(K + b64 * stride_kb + hk * stride_kh + k_pos[:, None] * stride_ks + cols[None, :],
+                   key_ok, d_ok, True, BLOCK_D == HEAD_DIM)
+    v = _load_tile(V + b64 * stride_vb + hk * stride_vh + k_pos[:, None] * stride_vs + cols[None, :],
+                   key_ok, d_ok, True, BLOCK_D == HEAD_DIM)
     k_doc = k_pos
     k_real = key_ok
     if PACKED:
@@ -453,105 +461,82 @@ def _attn_bwd_dkdv(
                                  window, scale_log2, cap_in, cap_out_log2, cols, d_ok,
                                  BLOCK_M, BLOCK_D == HEAD_DIM, False, HAS_WINDOW, PACKED, HAS_PAD,
                                  SOFTCAP, UPCAST, IEEE)
-    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + k_pos[:, None] * stride_dks + cols[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=tile_ok)
-    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + k_pos[:, None] * stride_dvs + cols[None, :],
-             dv.to(DV.dtype.element_ty), mask=tile_ok)
+    _store_tile(DK + b64 * stride_dkb + hk * stride_dkh + k_pos[:, None] * stride_dks + cols[None, :],
+                (dk * scale).to(DK.dtype.element_ty), key_ok, d_ok, BLOCK_D == HEAD_DIM)
+    _store_tile(DV + b64 * stride_dvb + hk * stride_dvh + k_pos[:, None] * stride_dvs + cols[None, :],
+                dv.to(DV.dtype.element_ty), key_ok, d_ok, BLOCK_D == HEAD_DIM)
 # fmt: on
 
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
-_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100/H200 have 227 KiB)
+_SMEM_BUDGET = 220 * 1024  # bytes of shared memory a config may plan for (H100/H200 allow 227 KiB)
+
+# Tile candidates per kernel and head-dim block: (BLOCK_M queries, BLOCK_N keys, warps, stages).
+# Chosen from sm_90 builds so that the inner loops do not spill registers (checked with
+# cuobjdump: no local loads/stores inside the loops); autotuning picks among them per GPU.
+_TILES = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 2)],
+        256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3)],
+        128: [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
+    },
+}
+# A query tile of 16 for very short query blocks (decode-style T of a few tokens), and the last resort
+# when nothing else fits in shared memory (float32 inputs with head_dim 256).
+_SHORT_TILES = [(16, 64, 4, 2), (16, 32, 4, 2)]
+_FALLBACK_TILE = (16, 32, 4, 1)
 
 
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _smem(kind: str, m: int, n: int, d: int, stages: int, elem: int) -> int:
+    # Shared memory the pipelined operands take: stages - 1 buffers of the streamed tiles, plus
+    # the tiles that stay put (forward: q; dq: q and dO; dkdv: k and v).
+    buffers = max(stages - 1, 1)
+    if kind == "fwd":
+        return (buffers * 2 * n * d + m * d) * elem
+    if kind == "dq":
+        return (buffers * 2 * n * d + 2 * m * d) * elem
+    return (2 * n * d + buffers * 2 * m * d) * elem
 
 
-# (BLOCK_M queries, BLOCK_N keys, warps, stages); pruned per head dim by the shared memory they need.
-_FWD_CONFIGS = _configs(
-    [
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (64, 64, 4, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 2),
-        (64, 32, 4, 2),
-        (128, 64, 8, 2),
-        (16, 64, 4, 3),
-        (16, 32, 4, 2),
+def _tiles(kind: str, block_d: int, q_len: int, elem: int) -> list[tuple[int, int, int, int]]:
+    table = _SHORT_TILES if q_len <= 16 else _TILES[kind][min(max(block_d, 64), 256)]
+    fits = [t for t in table if _smem(kind, t[0], t[1], block_d, t[3], elem) <= _SMEM_BUDGET]
+    return fits or [_FALLBACK_TILE]
+
+
+def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _autotuned(kernel, kind: str):
+    every = {t for by_d in _TILES[kind].values() for t in by_d} | set(_SHORT_TILES) | {_FALLBACK_TILE}
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(every)
     ]
-)
-_DQ_CONFIGS = _configs(
-    [
-        (128, 64, 8, 3),
-        (128, 32, 4, 3),
-        (64, 64, 4, 3),
-        (64, 32, 4, 3),
-        (64, 32, 4, 2),
-        (64, 64, 8, 2),
-        (32, 64, 4, 2),
-        (16, 64, 4, 3),
-        (16, 32, 4, 2),
-    ]
-)
-_DKDV_CONFIGS = _configs(
-    [
-        (32, 128, 4, 3),
-        (64, 128, 8, 3),
-        (64, 64, 4, 3),
-        (32, 64, 4, 3),
-        (32, 64, 4, 2),
-        (64, 64, 8, 2),
-        (32, 32, 4, 2),
-        (16, 64, 4, 2),
-        (16, 128, 4, 3),
-    ]
-)
-
-
-def _smem_fwd(m: int, n: int, d: int, stages: int, elem: int) -> int:
-    return (m * d + stages * 2 * n * d) * elem
-
-
-def _smem_dq(m: int, n: int, d: int, stages: int, elem: int) -> int:
-    return (2 * m * d + stages * 2 * n * d) * elem
-
-
-def _smem_dkdv(m: int, n: int, d: int, stages: int, elem: int) -> int:
-    return (2 * n * d + stages * 2 * m * d) * elem
-
-
-def _pruner(smem, query_tile: str, max_configs: int = 5):
-    """Keeps the configs that fit in shared memory and whose query tile is not far above the sequence."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d, elem = args["BLOCK_D"], args["Q"].element_size()
-        q_tile_cap = max(16, triton.next_power_of_2(args["q_len"]))
-        fits = [
-            c
-            for c in configs
-            if smem(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem) <= _SMEM_BUDGET
-        ]
-        short = [c for c in fits if c.kwargs[query_tile] <= q_tile_cap]
-        return (short or fits or configs[-1:])[:max_configs]
+        keep = _tiles(kind, args["BLOCK_D"], args["q_len"], args["Q"].element_size())
+        return [c for c in configs if _tile_of(c) in keep]
 
-    return prune
+    key = ["BLOCK_D", "HAS_WINDOW", "PACKED", "HAS_PAD", "SOFTCAP", "len_bucket"]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "PACKED", "HAS_PAD", "SOFTCAP", "len_bucket"]
-_attn_fwd_tuned = triton.autotune(
-    _FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(_smem_fwd, "BLOCK_M")}
-)(_attn_fwd)
-_attn_bwd_dq_tuned = triton.autotune(
-    _DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(_smem_dq, "BLOCK_M")}
-)(_attn_bwd_dq)
-_attn_bwd_dkdv_tuned = triton.autotune(
-    _DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(_smem_dkdv, "BLOCK_M")}
-)(_attn_bwd_dkdv)
+_attn_fwd_tuned = _autotuned(_attn_fwd, "fwd")
+_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq, "dq")
+_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv, "dkdv")
 
 
 @dataclasses.dataclass
@@ -678,12 +663,25 @@ def _common_args(q: torch.Tensor, scale: float, softcap: float | None, mask: _Ma
     return scalars, consts
 
 
-def _launch(kernel, tuned, grid_of, args: list, kwargs: dict, mask: _Masking) -> None:
-    if mask.blocks is not None or interpreting():
-        block_m, block_n = mask.blocks or (16, 16)
-        kernel[grid_of(block_m, block_n)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n)
-    else:
-        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+_KERNELS = {
+    "fwd": (_attn_fwd, _attn_fwd_tuned),
+    "dq": (_attn_bwd_dq, _attn_bwd_dq_tuned),
+    "dkdv": (_attn_bwd_dkdv, _attn_bwd_dkdv_tuned),
+}
+
+
+def _launch(kind: str, grid_of, args: list, consts: dict, mask: _Masking, elem: int) -> None:
+    kernel, tuned = _KERNELS[kind]
+    if mask.blocks is None and not interpreting():
+        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    # Forced tiles (tests, the interpreter): two stages when they fit, 8 warps for big tiles.
+    block_m, block_n = mask.blocks or (16, 16)
+    stages = 2 if _smem(kind, block_m, block_n, consts["BLOCK_D"], 2, elem) <= _SMEM_BUDGET else 1
+    warps = 8 if block_m * block_n * consts["BLOCK_D"] >= 64 * 64 * 128 else 4
+    kernel[grid_of(block_m, block_n)](
+        *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
+    )
 
 
 def _mask_pointers(q: torch.Tensor, mask: _Masking) -> tuple:
@@ -705,34 +703,17 @@ def _forward(q, k, v, scale, softcap, mask: _Masking) -> tuple[torch.Tensor, tor
     if out.numel() == 0:
         return out, lse
     doc_start, _, kv_lo, kv_hi, pad = _mask_pointers(q, mask)
-    scalars, consts = _common_args(q, scale, softcap, mask)
+    sc, consts = _common_args(q, scale, softcap, mask)
+    # fmt: off
     args = [
-        q,
-        k,
-        v,
-        out,
-        lse,
-        doc_start,
-        kv_lo,
-        kv_hi,
-        pad,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *out.stride()[:3],
-        q_len,
-        kv_len,
-        n_heads,
-        n_heads // n_kv,
-        scalars["window"],
-        scalars["scale_log2"],
-        scalars["cap_in"],
-        scalars["cap_out_log2"],
-        scalars["len_bucket"],
+        q, k, v, out, lse, doc_start, kv_lo, kv_hi, pad,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        q_len, kv_len, n_heads, n_heads // n_kv, sc["window"], sc["scale_log2"], sc["cap_in"],
+        sc["cap_out_log2"], sc["len_bucket"],
     ]
-    _launch(
-        _attn_fwd, _attn_fwd_tuned, lambda m, n: (batch * n_heads, triton.cdiv(q_len, m)), args, consts, mask
-    )
+    # fmt: on
+    grid = lambda m, n: (batch * n_heads, triton.cdiv(q_len, m))  # noqa: E731
+    _launch("fwd", grid, args, consts, mask, q.element_size())
     return out, lse
 
 
@@ -748,93 +729,29 @@ def _backward(q, k, v, out, lse, dout, scale, softcap, mask: _Masking):
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_t = max(1, min(64, 4096 // block_d))
     _attn_bwd_delta[(batch * n_heads, triton.cdiv(q_len, block_t))](
-        out,
-        dout,
-        delta,
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        q_len,
-        n_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_T=block_t,
-        num_warps=4,
-    )
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], q_len, n_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
+    )  # fmt: skip
     doc_start, doc_end, kv_lo, kv_hi, pad = _mask_pointers(q, mask)
-    scalars, consts = _common_args(q, scale, softcap, mask)
-    tail = [
-        scalars["window"],
-        scale,
-        scalars["scale_log2"],
-        scalars["cap_in"],
-        scalars["cap_out_log2"],
-        scalars["len_bucket"],
-    ]
+    sc, consts = _common_args(q, scale, softcap, mask)
+    tail = [sc["window"], scale, sc["scale_log2"], sc["cap_in"], sc["cap_out_log2"], sc["len_bucket"]]
+    # fmt: off
     dq_args = [
-        q,
-        k,
-        v,
-        dout,
-        dq,
-        lse,
-        delta,
-        doc_start,
-        kv_lo,
-        kv_hi,
-        pad,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dq.stride()[:3],
-        q_len,
-        kv_len,
-        n_heads,
-        n_heads // n_kv,
-        *tail,
+        q, k, v, dout, dq, lse, delta, doc_start, kv_lo, kv_hi, pad,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        q_len, kv_len, n_heads, n_heads // n_kv, *tail,
     ]
-    _launch(
-        _attn_bwd_dq,
-        _attn_bwd_dq_tuned,
-        lambda m, n: (batch * n_heads, triton.cdiv(q_len, m)),
-        dq_args,
-        consts,
-        mask,
-    )
     dkdv_args = [
-        q,
-        k,
-        v,
-        dout,
-        dk,
-        dv,
-        lse,
-        delta,
-        doc_start,
-        doc_end,
-        kv_lo,
-        kv_hi,
-        pad,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dk.stride()[:3],
-        *dv.stride()[:3],
-        q_len,
-        kv_len,
-        n_heads,
-        n_kv,
-        n_heads // n_kv,
-        *tail,
+        q, k, v, dout, dk, dv, lse, delta, doc_start, doc_end, kv_lo, kv_hi, pad,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], q_len, kv_len, n_heads, n_kv, n_heads // n_kv, *tail,
     ]
+    # fmt: on
     _launch(
-        _attn_bwd_dkdv,
-        _attn_bwd_dkdv_tuned,
-        lambda m, n: (batch * n_kv, triton.cdiv(kv_len, n)),
-        dkdv_args,
-        consts,
-        mask,
+        "dq", lambda m, n: (batch * n_heads, triton.cdiv(q_len, m)), dq_args, consts, mask, q.element_size()
+    )
+    _launch(
+        "dkdv", lambda m, n: (batch * n_kv, triton.cdiv(kv_len, n)), dkdv_args, consts, mask, q.element_size()
     )
     return dq, dk, dv
 
