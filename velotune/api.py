@@ -40,7 +40,10 @@ class FastLanguageModel:
                 loaded, then the adapter, trainable.
             max_seq_length: longest sequence the model accepts in training (None: no limit).
             dtype: None picks bf16 on GPUs that support it, else fp16; float32 on CPU.
-            load_in_4bit / load_in_8bit: quantized base weights.
+            load_in_4bit: the decoder's projections in NF4 (QLoRA), quantized on the device as the weights
+                stream in; a folder saved pre-quantized by Transformers + bitsandbytes loads directly (without
+                load_in_4bit it is dequantized into 16-bit weights).
+            load_in_8bit: not supported yet (raises).
             full_finetuning: every weight trainable instead of LoRA adapters.
             device_map: "auto" (first GPU, else CPU), a device string, or an int GPU index.
             trust_remote_code: never needed; True is refused (velotune runs no code from model folders).
@@ -50,9 +53,14 @@ class FastLanguageModel:
                 "trust_remote_code=True is refused: velotune implements each supported family itself and never "
                 "runs code shipped with a model. Leave it False."
             )
-        if load_in_4bit or load_in_8bit:
+        if load_in_8bit:
             raise UnsupportedModelError(
-                "quantized loading (load_in_4bit / load_in_8bit) is not supported yet; load in 16-bit."
+                "load_in_8bit is not supported yet; use load_in_4bit=True (NF4, QLoRA) or 16-bit weights."
+            )
+        if load_in_4bit and full_finetuning:
+            raise UnsupportedModelError(
+                "full_finetuning=True trains every weight and needs 16-bit weights; drop load_in_4bit, or train "
+                "LoRA adapters on the 4-bit model (get_peft_model)."
             )
         if unused:
             logger.warning("ignoring unknown from_pretrained arguments: %s", sorted(unused))
@@ -78,6 +86,7 @@ class FastLanguageModel:
             max_seq_length=max_seq_length,
             progress=progress,
             model_cls=VelotuneModel,
+            load_in_4bit=load_in_4bit,
         )
         for p in model.parameters():
             p.requires_grad_(full_finetuning)
@@ -110,7 +119,7 @@ class FastLanguageModel:
             target_modules: PEFT's module names ("q_proj", ..., "qkv_proj" for Phi-3, "w1"/"w2"/"w3"/"gate" for
                 Mixtral's experts and router; gate_proj/up_proj/down_proj select Mixtral's experts too),
                 "all-linear", or a regular expression over the module paths.
-            bias: "none" (the only supported value for now).
+            bias: PEFT's modes: "none", "all" (every base bias trains) or "lora_only" (the adapted projections').
             use_gradient_checkpointing: "offload" (layer inputs wait in pinned CPU memory), True (on the GPU)
                 or False; see velotune.memory.checkpoint.
             random_state: seed of the LoRA initialisation.

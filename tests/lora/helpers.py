@@ -23,7 +23,7 @@ def load_ours(folder: str, **kwargs):
 
 
 def velotune_and_peft(
-    family: str, folder, *, r=4, lora_alpha=8, targets="all-linear", use_rslora=False, seed=0
+    family: str, folder, *, r=4, lora_alpha=8, targets="all-linear", use_rslora=False, seed=0, bias="none"
 ):
     """(velotune model, PEFT model, adapter folder): LoRA on the same sites with the same weights, B random."""
     folder = str(folder)
@@ -34,6 +34,7 @@ def velotune_and_peft(
         lora_alpha=lora_alpha,
         target_modules=targets,
         use_rslora=use_rslora,
+        bias=bias,
         use_gradient_checkpointing=False,
         random_state=seed,
     )
@@ -41,7 +42,12 @@ def velotune_and_peft(
     adapter = os.path.join(folder, "adapter")
     ours.save_pretrained(adapter)
     config = peft.LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=targets, use_rslora=use_rslora, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        bias=bias,
+        task_type="CAUSAL_LM",
     )
     theirs = peft.get_peft_model(hf, config)
     result = peft.set_peft_model_state_dict(theirs, load_file(os.path.join(adapter, ADAPTER_WEIGHTS)))
@@ -61,9 +67,9 @@ def randomize_lora_b(model, seed: int = 0, std: float = 0.05) -> None:
 
 
 def peft_lora(model, grad: bool = False) -> dict[str, torch.Tensor]:
-    """PEFT's LoRA tensors (or gradients) under the keys PEFT saves them with."""
+    """PEFT's LoRA tensors and trained biases (or their gradients) under the keys PEFT saves them with."""
     out = {}
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name or (p.requires_grad and name.endswith(".bias")):
             out[name.replace(".default", "")] = p.grad if grad else p.detach()
     return out

@@ -219,7 +219,7 @@ def test_unsupported_requests_are_refused(tmp_path):
     save_hf_model("llama", str(tmp_path))
     model = load_ours(tmp_path)
     with pytest.raises(AdapterError, match="bias"):
-        FLM.get_peft_model(model, bias="all")
+        FLM.get_peft_model(model, bias="some")
     with pytest.raises(AdapterError, match="save_pretrained_merged"):
         model.save_pretrained(str(tmp_path / "x"))
     FLM.get_peft_model(model)
@@ -361,3 +361,36 @@ def test_per_expert_mixtral_adapters_of_transformers_4_load_as_peft_converts_the
     ours.save_pretrained(str(tmp_path / "v5"))
     again = peft.PeftModel.from_pretrained(build_hf_model("mixtral"), str(tmp_path / "v5"))
     assert rel_err(logits(again, ids), expected) < 1e-5
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_adapters_with_trained_biases_round_trip_with_peft(bias, tmp_path):
+    """PEFT saves the base biases it trained; loading such an adapter sets them, and velotune writes
+    the same keys back."""
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    hf = save_hf_model("llama_tied_bias", str(tmp_path))
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=targets, bias=bias))
+    randomize_lora_b(theirs)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad and name.endswith(".bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ids, _, _ = random_batch(2, 6, seed=14)
+    ours = load_ours(tmp_path).load_adapter(str(tmp_path / "peft"), is_trainable=True)
+    assert rel_err(logits(ours, ids), logits(theirs, ids)) < 1e-5
+    assert (
+        sum(p.numel() for p in ours.parameters() if p.requires_grad)
+        == theirs.get_nb_trainable_parameters()[0]
+    )
+    ours.save_pretrained(str(tmp_path / "ours"))
+    mine = load_file(str(tmp_path / "ours" / ADAPTER_WEIGHTS))
+    reference = load_file(str(tmp_path / "peft" / ADAPTER_WEIGHTS))
+    assert mine.keys() == reference.keys()
+    assert all(torch.equal(mine[k], reference[k]) for k in mine)
+
+
+def test_bias_lora_only_refuses_half_of_a_shared_bias(tmp_path):
+    save_hf_model("llama_tied_bias", str(tmp_path))
+    with pytest.raises(AdapterError, match="share one bias"):
+        FLM.get_peft_model(load_ours(tmp_path), target_modules=["q_proj"], bias="lora_only")

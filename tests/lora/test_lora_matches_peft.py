@@ -49,6 +49,23 @@ def test_target_subsets_and_rslora_match_peft(family, targets, use_rslora, tmp_p
     assert_loss_and_lora_gradients_match(ours, theirs)
 
 
+@pytest.mark.parametrize(
+    "bias, targets",
+    [
+        ("all", ["v_proj", "o_proj", "gate_proj", "down_proj"]),
+        ("lora_only", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ],
+)
+def test_trained_biases_match_peft(bias, targets, tmp_path):
+    ours, theirs, _ = velotune_and_peft("llama_tied_bias", tmp_path, targets=targets, bias=bias)
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    expected = {"attn.qkv.bias", "attn.o_proj.bias"} | (
+        {"mlp.gate_up.bias", "mlp.down_proj.bias"} if bias == "all" else set()
+    )
+    assert trained == {f"layers.{i}.{name}" for i in range(2) for name in expected}
+    assert_loss_and_lora_gradients_match(ours, theirs)
+
+
 @pytest.mark.parametrize("family", ["llama", "phi3", "mixtral"])
 def test_hand_written_kernels_match_peft_loss_and_lora_gradients(family, tmp_path, monkeypatch):
     """The Triton path everywhere (interpreted on CPU): the fused LoRA Function, with the other kernels."""

@@ -47,6 +47,8 @@ MOE_SPELLINGS = {
 # Checkpoints that store projections fused (Phi-3): the names of what each fused tensor holds.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 ALL_LINEAR = "all-linear"
+# PEFT's bias modes: no base bias trains, every one does, or those of the adapted modules.
+BIAS_MODES = ("none", "all", "lora_only")
 
 # adapter_config.json features velotune cannot honour: loading would silently change the model.
 _UNSUPPORTED = {
@@ -297,15 +299,16 @@ def read_settings(folder: str) -> LoraSettings:
     for key, what in _UNSUPPORTED.items():
         if cfg.get(key):
             raise AdapterError(f"{path}: {what} are not supported by velotune ({key}={cfg[key]!r}).")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={cfg['bias']!r} adapters are not supported yet; only bias='none'.")
+    bias = cfg.get("bias") or "none"
+    if bias not in BIAS_MODES:
+        raise AdapterError(f"{path}: bias={bias!r} is not one of PEFT's {BIAS_MODES}.")
     init = cfg.get("init_lora_weights", True)
     return LoraSettings(
         r=int(cfg.get("r", 8)),
         lora_alpha=cfg.get("lora_alpha", 8),
         lora_dropout=float(cfg.get("lora_dropout") or 0.0),
         use_rslora=bool(cfg.get("use_rslora", False)),
-        bias="none",
+        bias=bias,
         init_lora_weights=init if isinstance(init, (bool, str)) else True,
         rank_pattern=dict(cfg.get("rank_pattern") or {}),
         alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
@@ -364,25 +367,48 @@ def read_adapter_weights(folder: str) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_PICKLE}).")
 
 
-def group_lora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path with any .base_layer segments: {"A": tensor, "B": tensor}} from PEFT's keys."""
+def group_lora_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """({module path with any .base_layer segments: {"A": tensor, "B": tensor}}, {module path: bias})
+    from PEFT's keys. Biases are those PEFT saves with bias="all" / "lora_only"."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
     other = []
     for key, tensor in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            other.append(key)
+        if m is not None:
+            groups.setdefault(m.group(1), {})[m.group(2)] = tensor
             continue
-        groups.setdefault(m.group(1), {})[m.group(2)] = tensor
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)(?:\.base_layer)?\.bias", key)
+        if m is not None:
+            biases[m.group(1)] = tensor
+            continue
+        other.append(key)
     if other:
         raise AdapterError(
             f"the adapter holds tensors velotune does not know how to load, e.g. {other[:3]}; only lora_A / "
-            "lora_B weights are supported."
+            "lora_B weights and projection biases are supported."
         )
     broken = [k for k, v in groups.items() if set(v) != {"A", "B"}]
     if broken:
         raise AdapterError(f"the adapter lacks the lora_A or lora_B half of {broken[:3]}.")
-    return groups
+    return groups, biases
+
+
+def bias_keys(sites: list[LoraSite], adapted: set[LoraSite], mode: str) -> dict[LoraSite, str]:
+    """PEFT's key of the bias of each projection site whose bias an adapter with `mode` saves.
+    An adapted module's bias sits under PEFT's wrapper (`.base_layer.bias`)."""
+    if mode == "none":
+        return {}
+    chosen = [s for s in sites if s.peft_param is None and (mode == "all" or s in adapted)]
+    return {s: f"{KEY_PREFIX}{s.peft_module}{'.base_layer' if s in adapted else ''}.bias" for s in chosen}
+
+
+def block_rows(model, site: LoraSite) -> slice:
+    """The rows of the site's projection (weight or bias) that belong to its block."""
+    module = model.get_submodule(site.module)
+    i = module.names.index(site.unit)
+    start = sum(module.out_sizes[:i])
+    return slice(start, start + module.out_sizes[i])
 
 
 def site_shapes(model, site: LoraSite, r: int) -> tuple[tuple, tuple, int]:
@@ -406,7 +432,7 @@ def adapter_factors(
     pairs exactly as PEFT converts them.
     """
     sites = lora_sites(model)
-    groups = group_lora_keys(tensors)
+    groups, _ = group_lora_keys(tensors)
     matched, unknown = match_groups(sites, groups, settings.target_parameters)
     factors = {}
     for site, pair in matched.items():

@@ -104,8 +104,8 @@ def add_lora(
 
     The initialisation is drawn in site order from one CPU generator seeded with `random_state`.
     """
-    if bias != "none":
-        raise AdapterError(f"bias={bias!r} is not supported yet; use bias='none' (PEFT's default).")
+    if bias not in fmt.BIAS_MODES:
+        raise AdapterError(f"bias={bias!r} is not one of PEFT's {fmt.BIAS_MODES}.")
     if not isinstance(r, int) or r <= 0:
         raise AdapterError(f"r must be a positive integer, got {r!r}.")
     if not 0.0 <= lora_dropout < 1.0:
@@ -117,6 +117,8 @@ def add_lora(
         )
     sites = fmt.lora_sites(model)
     chosen = fmt.resolve_targets(sites, target_modules)
+    if bias == "lora_only":
+        _check_whole_biases(model, chosen)
     moe = [s for s in chosen if s.peft_param is not None]
     if lora_dropout > 0 and moe:
         raise AdapterError(
@@ -148,16 +150,47 @@ def add_lora(
         rank, alpha = r * chosen[site], lora_alpha * chosen[site]
         a_shape, b_shape, fan_in = fmt.site_shapes(model, site, rank)
         a, b = init_factors(a_shape, b_shape, fan_in, rank, init_lora_weights, generator)
-        device = next(model.get_submodule(site.module).parameters()).device
+        device = model.device  # a 4-bit projection may hold no parameter of its own
         factors[site] = LoraFactors(
             a.to(device, dtype), b.to(device, dtype), rank, alpha, lora_scale(rank, alpha, use_rslora)
         )
     for p in model.parameters():
         p.requires_grad_(False)
     _place(model, factors, requires_grad=True, dropout=lora_dropout)
+    for p in trainable_biases(model, bias):
+        p.requires_grad_(True)
     model.lora_settings = settings
     logger.info(trainable_summary(model))
     return model
+
+
+def _check_whole_biases(model: nn.Module, chosen) -> None:
+    """bias="lora_only" trains the biases of adapted modules; one bias tensor shared by several
+    projections (fused q/k/v) cannot train for some of them only."""
+    blocks: dict[str, set[str]] = {}
+    for site in chosen:
+        if site.peft_param is None:
+            blocks.setdefault(site.module, set()).add(site.unit)
+    for path, names in blocks.items():
+        module = model.get_submodule(path)
+        if module.bias is not None and names != set(module.names):
+            raise AdapterError(
+                f"bias='lora_only' would train the bias of {sorted(names)} but not of "
+                f"{sorted(set(module.names) - names)}, which share one bias tensor here ({path}.bias). Target "
+                "all of them, or use bias='all' or 'none'."
+            )
+
+
+def trainable_biases(model: nn.Module, mode: str) -> list[nn.Parameter]:
+    """The base biases PEFT's `bias` mode trains: none, all, or those of the adapted projections."""
+    if mode == "none":
+        return []
+    out = []
+    for module in model.modules():
+        if isinstance(module, Projection) and module.bias is not None:
+            if mode == "all" or (isinstance(module, LoraProjection) and module.rank):
+                out.append(module.bias)
+    return out
 
 
 def adapted_sites(model: nn.Module) -> list[tuple[LoraSite, nn.Module]]:
@@ -195,6 +228,22 @@ def adapter_tensors(model: nn.Module, grad: bool = False) -> dict[str, torch.Ten
         a, b = fmt.to_peft_layout(site, *_factors_of(site, module, grad))
         key_a, key_b = keys[site]
         tensors[key_a], tensors[key_b] = a, b
+    settings = getattr(model, "lora_settings", None)
+    mode = settings.bias if settings is not None else "none"
+    for site, key in fmt.bias_keys(fmt.lora_sites(model), {s for s, _ in adapted}, mode).items():
+        module = model.get_submodule(site.module)
+        if module.bias is None:
+            continue
+        if grad:
+            if module.bias.grad is None:
+                raise AdapterError(
+                    f"the bias of {site.peft_module} has no gradient; run a backward pass first."
+                )
+            rows = module.bias.grad
+        else:
+            rows = module.bias
+        start = sum(module.out_sizes[: module.names.index(site.unit)])
+        tensors[key] = rows[start : start + module.out_sizes[module.names.index(site.unit)]]
     return tensors
 
 
@@ -244,16 +293,20 @@ def load_adapter(model: nn.Module, folder: str, is_trainable: bool = False) -> n
     dtype = dtypes[0] if dtypes else lora_dtype_for(model.dtype)
     factors = {}
     for site, f in loaded.items():
-        device = next(model.get_submodule(site.module).parameters()).device
+        device = model.device  # a 4-bit projection may hold no parameter of its own
         factors[site] = LoraFactors(f.a.to(device, dtype), f.b.to(device, dtype), f.r, f.alpha, f.scale)
     if settings.lora_dropout > 0 and any(s.peft_param is not None for s in factors):
         raise AdapterError(
             f"{folder}: lora_dropout > 0 with MoE parameter targets is not a valid PEFT adapter."
         )
+    biases = _loaded_biases(model, tensors, folder)
     for p in model.parameters():
         p.requires_grad_(False)
     _place(model, factors, requires_grad=is_trainable, dropout=settings.lora_dropout)
-    for p in lora_parameters(model):
+    with torch.no_grad():
+        for rows, tensor in biases:
+            rows.copy_(tensor)
+    for p in lora_parameters(model) + trainable_biases(model, settings.bias):
         p.requires_grad_(is_trainable)
     if not kept:
         model.lora_settings = settings
@@ -266,6 +319,24 @@ def load_adapter(model: nn.Module, folder: str, is_trainable: bool = False) -> n
         "loaded LoRA adapter from %s on %d site(s); %s", folder, len(factors), trainable_summary(model)
     )
     return model
+
+
+def _loaded_biases(model: nn.Module, tensors: dict[str, torch.Tensor], folder: str) -> list[tuple]:
+    """(bias rows of the model, tensor) for every projection bias the adapter file carries."""
+    _, biases = fmt.group_lora_keys(tensors)
+    sites = {s.peft_module: s for s in fmt.lora_sites(model) if s.peft_param is None}
+    out = []
+    for path, tensor in biases.items():
+        site = sites.get(path)
+        bias = model.get_submodule(site.module).bias if site is not None else None
+        rows = bias[fmt.block_rows(model, site)] if bias is not None else None
+        if rows is None or rows.shape != tensor.shape:
+            raise AdapterError(
+                f"{folder}: the adapter carries a bias for {path} {list(tensor.shape)}, which this model "
+                f"{'has no bias for' if rows is None else f'has with shape {list(rows.shape)}'}."
+            )
+        out.append((rows, tensor.to(rows.device, rows.dtype)))
+    return out
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
