@@ -17,6 +17,11 @@ Backward: 2*T*out*in (dx) + 2*T*out_lora*R (dy B) + 2*T*R*in (dx += dyB A, and d
 plus 2*T*out*in for dW only when W is trained.
 Saves for backward: x (the caller's tensor, no copy), x_lora when dropout made one, and x A^T
 [T, R], which is tiny next to the output that is never saved.
+
+The base weight may also be a quantized weight object (`velotune.quant.nf4_weight.NF4Weight`, any
+object with `linear(x2)`, `grad_input(dy2)` and `dequantize()`): the Function then has it compute
+x W^T and dy W itself, dequantizing into a reused scratch buffer inside each call, and keeps only
+the object (never a dense copy) for backward; the reference path dequantizes it to a dense tensor.
 """
 
 from __future__ import annotations
@@ -57,6 +62,21 @@ def _check(
             raise KernelError(f"lora_projection: a B of shape {list(b.shape)} for an output block of {size}.")
 
 
+def _is_dense(weight) -> bool:
+    return isinstance(weight, torch.Tensor)
+
+
+def _base_linear(x2: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if _is_dense(weight):
+        return F.linear(x2, weight, bias)
+    y = weight.linear(x2)
+    return y if bias is None else y.add_(bias)
+
+
+def _base_grad_input(dy2: torch.Tensor, weight) -> torch.Tensor:
+    return torch.mm(dy2, weight) if _is_dense(weight) else weight.grad_input(dy2)
+
+
 class LoraProjectionFunction(torch.autograd.Function):
     """Forward and hand-written backward of the fused LoRA projection (see the module docstring).
 
@@ -72,7 +92,7 @@ class LoraProjectionFunction(torch.autograd.Function):
         lora_bs = [next(present) if flag else None for flag in has_lora]
         x2 = x.reshape(-1, x.shape[-1])
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        y = F.linear(x2, weight, bias)
+        y = _base_linear(x2, weight, bias)
         blocks = _lora_blocks(out_sizes, scales, lora_bs)
         a = b_list = xa = None
         if blocks:
@@ -84,7 +104,8 @@ class LoraProjectionFunction(torch.autograd.Function):
             for (out0, size, r0, _b, scale), b in zip(blocks, b_list):
                 r = b.shape[1]
                 y[:, out0 : out0 + size].addmm_(xa[:, r0 : r0 + r], b.t(), alpha=scale)
-        ctx.save_for_backward(x, x_lora, weight, a, xa, *(b_list or ()))
+        ctx.quantized_weight = None if _is_dense(weight) else weight
+        ctx.save_for_backward(x, x_lora, weight if _is_dense(weight) else None, a, xa, *(b_list or ()))
         ctx.layout = [(out0, size, r0, scale) for out0, size, r0, _b, scale in blocks]
         ctx.has_bias = bias is not None
         ctx.lora_a_dtype = None if lora_a is None else lora_a.dtype
@@ -94,6 +115,8 @@ class LoraProjectionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, x_lora, weight, a, xa, *b_list = ctx.saved_tensors
+        if ctx.quantized_weight is not None:
+            weight = ctx.quantized_weight
         need = ctx.needs_input_grad
         width = x.shape[-1]
         x2 = x.reshape(-1, width)
@@ -113,11 +136,13 @@ class LoraProjectionFunction(torch.autograd.Function):
                 dy_i = dy2[:, out0 : out0 + size]
                 dyb[:, r0 : r0 + r].addmm_(dy_i, b, beta=0, alpha=scale)
                 if need[8 + j]:
-                    dbs[j] = torch.mm(dy_i.t(), xa[:, r0 : r0 + r]).mul_(scale).to(ctx.lora_b_dtypes[j])
+                    db_i = torch.empty(size, r, dtype=dy2.dtype, device=dy2.device)
+                    db_i.addmm_(dy_i.t(), xa[:, r0 : r0 + r], beta=0, alpha=scale)
+                    dbs[j] = db_i.to(ctx.lora_b_dtypes[j])
             if need[4]:
                 da = torch.mm(dyb.t(), xl2).to(ctx.lora_a_dtype)
         if need[0]:
-            dx = torch.mm(dy2, weight)
+            dx = _base_grad_input(dy2, weight)
             if dyb is not None and x_lora is None:
                 dx.addmm_(dyb, a)  # the LoRA path accumulates into the base path's buffer
             dx = dx.view(x.shape)
@@ -205,4 +230,6 @@ def lora_projection(
         return LoraProjectionFunction.apply(
             x, x_lora, weight, bias, lora_a, tuple(out_sizes), tuple(scales), has_lora, *present
         )
+    if not _is_dense(weight):
+        weight = weight.dequantize()  # the reference path works on the dense weight (autograd keeps it)
     return lora_projection_reference(x, weight, bias, lora_a, lora_bs, out_sizes, scales, x_lora)
