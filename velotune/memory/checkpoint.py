@@ -11,7 +11,7 @@
   "save_attn"  the attention half runs with a graph, keeping what its backward needs (normed input,
                q/k/v, the attention output and its log-sum-exp) on the GPU; only the MLP half is
                recomputed, from its input. Skips recomputing the attention (quadratic in length) for
-               about 5x the per-layer memory of "full" at Llama-8B shapes.
+               about 7x the per-layer GPU memory of "full" at Llama-8B shapes.
 
 `model.mlp_tile_tokens`: the MLP half runs over tiles of this many tokens (`velotune.memory.tiled`).
 None (default): 8192 whenever tiling costs no extra compute (under checkpointing, or without a
