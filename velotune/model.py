@@ -54,6 +54,37 @@ class VelotuneModel(DecoderModel):
         """Folds the LoRA weights into the base (W += scale * B @ A) and removes the adapter modules."""
         return lora.merge_and_unload(self)
 
+    def save_pretrained_merged(
+        self,
+        save_directory: str,
+        tokenizer=None,
+        save_method: str = "merged_16bit",
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+        **unused,
+    ) -> str:
+        """Saves a merged Hugging Face folder ("merged_16bit") or the adapter alone ("lora").
+
+        See `velotune.export.save_pretrained_merged`; the model itself is left unchanged (LoRA is merged
+        into the written copy, one parameter at a time).
+        """
+        from velotune.export import save_pretrained_merged
+
+        if unused:
+            logger.warning("ignoring unknown save_pretrained_merged arguments: %s", sorted(unused))
+        kwargs = {"max_shard_size": max_shard_size, "dtype": dtype} if save_method == "merged_16bit" else {}
+        return save_pretrained_merged(self, save_directory, tokenizer, save_method, **kwargs)
+
+    def save_pretrained_gguf(
+        self, save_directory: str, tokenizer, quantization_method: str = "f16", **unused
+    ) -> str:
+        """Writes a GGUF file for llama.cpp and an Ollama Modelfile; see `velotune.export.save_pretrained_gguf`."""
+        from velotune.export import save_pretrained_gguf
+
+        if unused:
+            logger.warning("ignoring unknown save_pretrained_gguf arguments: %s", sorted(unused))
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method)
+
     def print_trainable_parameters(self) -> None:
         """Logs PEFT's line: trainable params, all params, trainable %."""
         logger.info(lora.trainable_summary(self))

@@ -128,6 +128,11 @@ def _adds(tokenizer, token_id: int | None, position: int) -> bool:
     )
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every encoding with its BOS token (llama.cpp is told to do the same)."""
+    return _adds(tokenizer, getattr(tokenizer, "bos_token_id", None), 0)
+
+
 def vocab_from_tokenizer(tokenizer, vocab_size: int, config: dict | None = None) -> GGUFVocab:
     """The GGUF vocabulary of `tokenizer` for a model with `vocab_size` embedding rows.
 

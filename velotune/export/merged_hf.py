@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from velotune.errors import ConfigError
 from velotune.export.atomic import atomic_folder
-from velotune.export.weights import EffectiveWeights
+from velotune.export.weights import EffectiveWeights, base_parameters
 from velotune.io.hf_folder import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from velotune.models.families import family_of
 from velotune.models.families.common import TensorSlot
@@ -153,9 +153,7 @@ def save_merged_16bit(
         )
     max_bytes = parse_size(max_shard_size)
     weights = EffectiveWeights(model)
-    slots = export_slots(
-        family_of(cfg["model_type"]).tensor_slots(model.spec), dict(model.named_parameters())
-    )
+    slots = export_slots(family_of(cfg["model_type"]).tensor_slots(model.spec), base_parameters(model))
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(name, math.prod(weights.shape(s.internal, s.index)) * itemsize) for name, s in slots.items()]
     shards = _plan_shards(sizes, max_bytes)

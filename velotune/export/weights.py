@@ -13,6 +13,14 @@ from torch import nn
 from velotune.errors import ConfigError
 
 
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own parameters by name, without LoRA factors (those are merged, never written)."""
+    from velotune.lora import lora_parameters
+
+    adapter = {id(p) for p in lora_parameters(model)}
+    return {name: p for name, p in model.named_parameters() if id(p) not in adapter}
+
+
 def _owner(model: nn.Module, internal: str) -> tuple[nn.Module, str]:
     path, _, attr = internal.rpartition(".")
     try:
