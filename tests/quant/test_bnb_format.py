@@ -13,6 +13,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.quant.helpers import hf_model, linear4bit_modules, save_transformers_4bit
 from velotune.errors import CheckpointError, UnsupportedModelError
 from velotune.quant.bnb_format import (
     NF4Collector,
@@ -28,39 +29,11 @@ from velotune.quant.bnb_format import (
 )
 from velotune.quant.nf4 import dequantize_nf4_reference, quantize_nf4
 
-# Widths that are whole 64-element blocks: bitsandbytes' CPU dequantizer is exact only there
-# (see tests/quant/test_nf4.py), and real models are built that way.
-CONFIG = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=48, max_position_embeddings=64, rms_norm_eps=1e-5)  # fmt: skip
-
-
-def _hf_model(seed=0):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).float().eval()
-
-
-def _bnb_config(double_quant=True):
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=double_quant,
-                                           bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-
-
-def _linear4bit_modules(model):
-    import bitsandbytes as bnb
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-
 
 @pytest.fixture(scope="module", params=[True, False], ids=["double_quant", "single_quant"])
 def transformers_folder(request, tmp_path_factory):
     """A 4-bit folder saved by Transformers + bitsandbytes, and the model it was saved from."""
-    root = tmp_path_factory.mktemp("bnb")
-    _hf_model().save_pretrained(root / "fp32")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        root / "fp32", quantization_config=_bnb_config(request.param), device_map="cpu", dtype=torch.float32
-    )
-    model.save_pretrained(root / "q4")
-    return root / "q4", model
+    return save_transformers_4bit(tmp_path_factory.mktemp("bnb"), double_quant=request.param)
 
 
 _READ_WITHOUT_BNB = r"""
@@ -96,7 +69,7 @@ def test_transformers_saved_folder_reads_without_bitsandbytes_to_bitsandbytes_va
     subprocess.run([sys.executable, "-c", _READ_WITHOUT_BNB, str(folder), str(out)], check=True,
                    env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
     ours = load_file(out)
-    modules = _linear4bit_modules(model)
+    modules = linear4bit_modules(model)
     assert sorted(ours) == sorted(f"{name}.weight" for name in modules) and len(modules) == 14
     for name, module in modules.items():
         expected = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -120,7 +93,7 @@ def test_our_writer_gives_the_bytes_transformers_writes(transformers_folder):
 
 
 def test_folder_we_write_loads_in_transformers_with_our_values(tmp_path):
-    source = _hf_model(seed=1)
+    source = hf_model(seed=1)
     tensors, ours = {}, {}
     for name, p in source.state_dict().items():
         if name.endswith("proj.weight"):
@@ -137,7 +110,7 @@ def test_folder_we_write_loads_in_transformers_with_our_values(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, device_map="cpu", dtype=torch.float32
     )
-    modules = _linear4bit_modules(loaded)
+    modules = linear4bit_modules(loaded)
     assert len(modules) == 14
     for name, module in modules.items():
         assert torch.equal(

@@ -13,6 +13,7 @@ from torch import nn
 
 from velotune.kernels.activations import gated_activation
 from velotune.kernels.attention import attention
+from velotune.kernels.lora import lora_projection
 from velotune.kernels.rmsnorm import rms_norm
 from velotune.kernels.rope import apply_rotary
 from velotune.models.spec import ArchSpec
@@ -35,8 +36,17 @@ class Projection(nn.Module):
     def out_features(self) -> int:
         return sum(self.out_sizes)
 
+    def use_quantized_weight(self, weight: nn.Module) -> None:
+        """Swaps the dense weight for a frozen quantized one (`velotune.quant.nf4_weight.NF4Weight`)."""
+        del self.weight
+        self.weight = weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if isinstance(self.weight, torch.Tensor):
+            return F.linear(x, self.weight, self.bias)
+        # A quantized weight is dequantized inside the projection op, never kept dense.
+        n = len(self.out_sizes)
+        return lora_projection(x, self.weight, self.bias, None, [None] * n, self.out_sizes, [0.0] * n)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={dict(zip(self.names, self.out_sizes))}, bias={self.bias is not None}"

@@ -1,0 +1,113 @@
+"""NF4Weight: a frozen 4-bit weight made of per-checkpoint-tensor NF4 blocks, dense only inside a GEMM."""
+
+import pytest
+import torch
+
+from velotune.errors import KernelError
+from velotune.kernels.lora import lora_projection, lora_projection_reference
+from velotune.quant.nf4 import dequantize_nf4_reference, quantize_nf4_reference
+from velotune.quant.nf4_weight import NF4Weight, scratch_buffer
+
+
+def _weight(parts=((0, 40), (40, 24), (64, 24)), in_features=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = sum(rows for _, rows in parts)
+    w = NF4Weight(out, in_features, torch.float32, device="cpu")
+    dense = torch.empty(out, in_features)
+    for row0, rows in parts:
+        q = quantize_nf4_reference(torch.randn(rows, in_features, generator=gen))
+        w.set_part(row0, q)
+        dense[row0 : row0 + rows] = dequantize_nf4_reference(q)
+    return w, dense
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("parts", [((0, 40), (40, 24), (64, 24)), ((0, 88),)])
+def test_products_equal_those_of_the_dequantized_weight(parts):
+    w, dense = _weight(parts)
+    gen = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(7, 96, generator=gen), torch.randn(7, 88, generator=gen)
+    assert torch.equal(w.dequantize(), dense)
+    assert _rel(w.linear(x), x @ dense.t()) < 1e-6
+    assert _rel(w.grad_input(dy), dy @ dense) < 1e-6
+
+
+def test_parts_may_arrive_in_any_order():
+    w, dense = _weight(((40, 24), (0, 40), (64, 24)))
+    assert [r0 for r0, _ in w.parts()] == [0, 40, 64]
+    assert torch.equal(w.dequantize(), dense)
+
+
+def test_scratch_buffer_is_reused_across_calls_and_grows_when_needed():
+    a = scratch_buffer(100, torch.device("cpu"), torch.float16)
+    b = scratch_buffer(60, torch.device("cpu"), torch.float16)
+    assert a.data_ptr() == b.data_ptr()
+    c = scratch_buffer(1000, torch.device("cpu"), torch.float16)
+    assert (
+        c.numel() == 1000
+        and scratch_buffer(10, torch.device("cpu"), torch.float16).data_ptr() == c.data_ptr()
+    )
+
+
+def test_dtype_casts_change_the_compute_dtype_but_never_the_stored_format():
+    w, dense = _weight()
+    storage = {name: buf.dtype for name, buf in w.named_buffers()}
+    w.to(torch.float16)
+    assert w.dtype == torch.float16 and {name: buf.dtype for name, buf in w.named_buffers()} == storage
+    assert torch.equal(w.dequantize(), dense.half())
+    w.double().float()
+    assert w.dtype == torch.float32 and torch.equal(w.dequantize(), dense)
+
+
+def test_misplaced_missing_or_sliced_parts_are_refused():
+    w = NF4Weight(64, 96, torch.float32, device="cpu")
+    w.set_part(0, quantize_nf4_reference(torch.randn(40, 96)))
+    with pytest.raises(KernelError, match="overlap"):
+        w.set_part(32, quantize_nf4_reference(torch.randn(8, 96)))
+    with pytest.raises(KernelError, match="does not fit"):
+        w.set_part(40, quantize_nf4_reference(torch.randn(24, 64)))
+    with pytest.raises(KernelError, match="40 of its 64 rows"):
+        w.dequantize()
+    with pytest.raises(KernelError, match="cannot be sliced"):
+        w[0:8]
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_the_projection_op_on_a_4bit_weight_matches_the_reference_on_its_dense_weight(with_lora, monkeypatch):
+    w, dense = _weight()
+    gen = torch.Generator().manual_seed(2)
+    sizes = (40, 24, 24)
+    a = torch.randn(5, 96, generator=gen) * 0.1 if with_lora else None
+    bs = (
+        [torch.randn(40, 3, generator=gen) * 0.1, None, torch.randn(24, 2, generator=gen) * 0.1]
+        if with_lora
+        else [None] * 3
+    )
+    bias = torch.randn(88, generator=gen)
+    x = torch.randn(2, 3, 96, generator=gen)
+    dy = torch.randn(2, 3, 88, generator=gen)
+
+    def run(fn, weight):
+        xx = x.clone().requires_grad_(True)
+        aa = a.clone().requires_grad_(True) if with_lora else None
+        bb = [b.clone().requires_grad_(True) if b is not None else None for b in bs]
+        y = fn(xx, weight, bias, aa, bb, sizes, (2.0, 0.0, 0.5))
+        y.backward(dy)
+        grads = [xx.grad] + ([aa.grad] + [b.grad for b in bb if b is not None] if with_lora else [])
+        return y.detach(), grads
+
+    y_ref, g_ref = run(lora_projection_reference, dense)
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")  # the Function, dequantizing into the scratch buffer
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y, grads = run(lora_projection, w)
+    assert dense.numel() not in saved and max(saved) < dense.numel()  # no dense weight waits for backward
+    monkeypatch.setenv("VELOTUNE_KERNELS", "reference")
+    y_cpu, g_cpu = run(lora_projection, w)
+    for got, got_grads in ((y, grads), (y_cpu, g_cpu)):
+        assert _rel(got, y_ref) < 1e-5
+        for g, r in zip(got_grads, g_ref):
+            assert _rel(g, r) < 1e-5

@@ -1,0 +1,194 @@
+"""`NF4Weight`: a frozen [out, in] weight kept in NF4, dequantized only inside the GEMMs that use it.
+
+The weight is a stack of row blocks, each one `NF4Tensor` quantized on its own: one per checkpoint
+tensor (q_proj, k_proj and v_proj of a fused q/k/v projection), exactly as bitsandbytes quantizes
+them, so a pre-quantized checkpoint loads without requantizing and saves back byte for byte.
+
+Where the dense weight goes: each GEMM dequantizes one block at a time into a scratch buffer shared
+by every NF4Weight on the device (per dtype), then runs cuBLAS on it; the buffer is overwritten by
+the next block, so no dense copy outlives the call, and the forward and backward both re-dequantize.
+Why a scratch buffer and not dequantization fused into a Triton GEMM's tiles: at training shapes
+(thousands of tokens) the GEMM is compute-bound and cuBLAS runs it near the tensor-core peak, while
+dequantizing costs ~2.5 bytes of memory traffic per weight element against 2 x tokens FLOPs (a few
+percent of the GEMM's time at 4k tokens on an H100); a tiled Triton GEMM would have to match cuBLAS
+to win that back. Going block by block bounds the buffer by the largest block (one projection of
+the checkpoint, e.g. 117 MB in bf16 for Llama-3-8B's gate_proj) instead of the whole fused weight.
+The buffer is not stream-aware: it assumes the projections run on one CUDA stream, in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from velotune.errors import KernelError
+from velotune.quant.nf4 import NF4Tensor, dequantize_nf4
+
+_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "nested_offset")
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch_buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, reused by every caller on (device, dtype); its
+    contents are valid only until the next call."""
+    key = (torch.device(device), dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        _scratch.pop(key, None)  # release the smaller one before allocating
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _scratch[key] = buf
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Frees the scratch buffers (they are re-allocated on next use)."""
+    _scratch.clear()
+
+
+class NF4Weight(nn.Module):
+    """A frozen weight of shape [out_features, in_features] stored as NF4 row blocks (see the module
+    docstring). It computes in `dtype`, which follows the module's dtype casts (`model.to(bf16)`),
+    while the NF4 parts themselves always keep their storage dtypes.
+
+    The parts are buffers (they move with the model and appear in its state_dict). `shape`, `dtype`,
+    `device` and `is_cuda` let it stand where a weight tensor is expected by the projection op.
+    """
+
+    def __init__(
+        self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "meta"
+    ):
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+        self.compute_dtype = dtype
+        self._device = torch.device(device)
+        # Per part: (first row, rows, original dtype, blocksize, nested_blocksize); tensors are buffers.
+        self._parts: list[tuple[int, int, torch.dtype, int, int]] = []
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._device.type == "cuda"
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def rows_filled(self) -> int:
+        return sum(rows for _, rows, *_ in self._parts)
+
+    def set_part(self, row0: int, q: NF4Tensor) -> None:
+        """Places `q` (shape [rows, in_features]) at rows [row0, row0 + rows), on this weight's device."""
+        if (
+            len(q.shape) != 2
+            or q.shape[1] != self.in_features
+            or not 0 <= row0 <= self.out_features - q.shape[0]
+        ):
+            raise KernelError(
+                f"an NF4 part of shape {list(q.shape)} at row {row0} does not fit a weight of shape {list(self.shape)}."
+            )
+        rows = q.shape[0]
+        for start, n, *_ in self._parts:
+            if start < row0 + rows and row0 < start + n:
+                raise KernelError(
+                    f"rows [{row0}, {row0 + rows}) overlap the part already at [{start}, {start + n})."
+                )
+        q = q.to(self._device)
+        index = len(self._parts)
+        for field in _FIELDS:
+            self.register_buffer(f"part{index}_{field}", getattr(q, field))
+        self._parts.append((row0, rows, q.dtype, q.blocksize, q.nested_blocksize))
+
+    def parts(self) -> list[tuple[int, NF4Tensor]]:
+        """(first row, NF4Tensor) of every part, in row order."""
+        out = []
+        for index, (row0, rows, dtype, blocksize, nested_blocksize) in enumerate(self._parts):
+            tensors = {field: getattr(self, f"part{index}_{field}") for field in _FIELDS}
+            q = NF4Tensor(shape=(rows, self.in_features), dtype=dtype, blocksize=blocksize,
+                          nested_blocksize=nested_blocksize, **tensors)  # fmt: skip
+            out.append((row0, q))
+        return sorted(out, key=lambda item: item[0])
+
+    def _check_complete(self) -> None:
+        if self.rows_filled() != self.out_features:
+            raise KernelError(
+                f"this 4-bit weight holds {self.rows_filled()} of its {self.out_features} rows; load every part first."
+            )
+
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight [out, in] in `dtype` (default: the compute dtype): a new tensor, or `out`."""
+        self._check_complete()
+        dtype = dtype or self.compute_dtype
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self._device)
+        for row0, q in self.parts():
+            dequantize_nf4(q, out=out[row0 : row0 + q.shape[0]])
+        return out
+
+    def _part_in_scratch(self, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = scratch_buffer(q.numel(), self._device, dtype)
+        return dequantize_nf4(q, out=buf).view(q.shape)
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [T, in] @ W^T -> [T, out] in x2's dtype, dequantizing one part at a time into the scratch buffer."""
+        self._check_complete()
+        parts = self.parts()
+        if len(parts) == 1:
+            return torch.mm(x2, self._part_in_scratch(parts[0][1], x2.dtype).t())
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        for row0, q in parts:
+            w = self._part_in_scratch(q, x2.dtype)
+            y[:, row0 : row0 + q.shape[0]].addmm_(x2, w.t(), beta=0)
+        return y
+
+    def grad_input(self, dy2: torch.Tensor) -> torch.Tensor:
+        """dy2 [T, out] @ W -> [T, in], accumulated part by part (each dequantized into the scratch buffer)."""
+        self._check_complete()
+        dx = None
+        for row0, q in self.parts():
+            w = self._part_in_scratch(q, dy2.dtype)
+            dy_part = dy2[:, row0 : row0 + q.shape[0]]
+            dx = torch.mm(dy_part, w) if dx is None else dx.addmm_(dy_part, w)
+        return dx
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves apply to the parts; dtype casts change only the compute dtype, never the
+        # storage dtypes of the format (uint8 codes, float32 tables and scales).
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._device))
+        self.compute_dtype, self._device = probe.dtype, probe.device
+        return self
+
+    def __getitem__(self, index):
+        raise KernelError(
+            "a 4-bit weight cannot be sliced or changed in place (e.g. to merge LoRA into it): dequantize it "
+            "(weight.dequantize()) or load the model in 16-bit."
+        )
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes() for _, q in self.parts())
+
+    def extra_repr(self) -> str:
+        return (
+            f"out={self.out_features}, in={self.in_features}, dtype={self.compute_dtype}, nf4 parts="
+            f"{[(r0, q.shape[0]) for r0, q in self.parts()]}, {math.ceil(self.nbytes() / 2**20)} MiB"
+        )
