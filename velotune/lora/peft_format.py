@@ -95,6 +95,7 @@ class LoraSettings:
     use_rslora: bool = False
     bias: str = "none"
     init_lora_weights: bool | str = True
+    # As read from a file; a save writes patterns computed from each site's own rank and alpha.
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     base_model_name_or_path: str | None = None
@@ -235,6 +236,32 @@ def pattern_value(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
+
+
+def patterns_for(values: dict[LoraSite, tuple[int, float]], r: int, alpha: float) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern that give every site its (rank, alpha) over the global r / alpha.
+
+    PEFT takes the first pattern that matches and saves configs with sorted keys, so the patterns
+    written here never overlap: one per target name (PEFT's own form, ".*\\.gate_up_proj") when all its
+    sites agree, else one per site that differs, spelled out in full.
+    """
+    by_name: dict[str, dict[LoraSite, tuple[int, float]]] = {}
+    for site, value in values.items():
+        by_name.setdefault(site.target_name, {})[site] = value
+    rank_pattern, alpha_pattern = {}, {}
+    for name, group in by_name.items():
+        distinct = set(group.values())
+        if len(distinct) == 1:
+            rank, site_alpha = distinct.pop()
+            if (rank, site_alpha) != (r, alpha):
+                pattern = rf".*\.{re.escape(name)}"
+                rank_pattern[pattern], alpha_pattern[pattern] = rank, site_alpha
+            continue
+        for site, (rank, site_alpha) in group.items():
+            if (rank, site_alpha) != (r, alpha):
+                pattern = re.escape(site.peft_key)
+                rank_pattern[pattern], alpha_pattern[pattern] = rank, site_alpha
+    return rank_pattern, alpha_pattern
 
 
 # ----------------------------------------------------------------------------------------- keys

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 
 import torch
 from torch import nn
@@ -135,12 +134,6 @@ def add_lora(
         init_lora_weights=init_lora_weights,
         base_model_name_or_path=getattr(model, "name_or_path", None),
     )
-    for site, mult in chosen.items():
-        if mult != 1:
-            # PEFT's rule for fused MoE tensors: rank and alpha scale with the number of fused projections.
-            pattern = rf".*\.{re.escape(site.target_name)}"
-            settings.rank_pattern[pattern] = r * mult
-            settings.alpha_pattern[pattern] = lora_alpha * mult
     generator = torch.Generator().manual_seed(random_state)
     dtype = lora_dtype or lora_dtype_for(model.dtype)
     factors = {}
@@ -254,20 +247,13 @@ def save_adapter(model: nn.Module, folder: str) -> None:
         raise AdapterError("this model has no LoRA adapter to save.")
     if any(m.merged for _, m in adapted):
         raise AdapterError("the adapter is merged into the base weights; save before merging, or unmerge.")
-    settings = dataclasses.replace(
-        model.lora_settings,
-        rank_pattern=dict(model.lora_settings.rank_pattern),
-        alpha_pattern=dict(model.lora_settings.alpha_pattern),
+    values = {site: (module.rank[site.unit], module.alpha[site.unit]) for site, module in adapted}
+    rank_pattern, alpha_pattern = fmt.patterns_for(
+        values, model.lora_settings.r, model.lora_settings.lora_alpha
     )
-    for site, module in adapted:
-        expected_r = fmt.pattern_value(settings.rank_pattern, site.peft_key, settings.r)
-        expected_alpha = fmt.pattern_value(settings.alpha_pattern, site.peft_key, settings.lora_alpha)
-        if module.rank[site.unit] != expected_r or module.alpha[site.unit] != expected_alpha:
-            # A site whose rank or alpha the global values and patterns do not describe (e.g. after loading
-            # a second adapter over part of the model) gets an exact pattern of its own.
-            exact = re.escape(site.peft_key)
-            settings.rank_pattern[exact] = module.rank[site.unit]
-            settings.alpha_pattern[exact] = module.alpha[site.unit]
+    settings = dataclasses.replace(
+        model.lora_settings, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+    )
     config = fmt.config_dict(settings, [s for s, _ in adapted])
     fmt.write_adapter(folder, config, adapter_tensors(model))
 
