@@ -5,6 +5,7 @@ Models are small and random, with a real byte-level BPE tokenizer; their embeddi
 than the tokenizer has tokens (padding rows, as real checkpoints often have).
 """
 
+import json
 import logging
 
 import llama_cpp
@@ -13,7 +14,7 @@ import pytest
 import torch
 import transformers
 from gguf import GGUFReader
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 import velotune
 from tests.model_zoo import rel_err
@@ -210,6 +211,60 @@ def test_llama_cpp_tokenizes_like_the_hugging_face_tokenizer(pre, tmp_path):
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, text
         assert llm.detokenize(tok(text).input_ids).decode() == text
+
+
+SPACE = "\u2581"
+
+
+def sentencepiece_style_tokenizer(folder, style: str):
+    """A Llama-2-like tokenizer.json: "\u2581" for spaces, byte-fallback tokens <0x00>..<0xFF> in the vocabulary,
+    BOS added; spaces marked by normalizers (Transformers 4's export) or a Metaspace pre-tokenizer (5's)."""
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60)
+    trained.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    if style == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # fmt: skip
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")  # fmt: skip
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+@pytest.mark.parametrize("style", ["normalizer", "metaspace"])
+def test_sentencepiece_style_tokenizers_tokenize_alike_in_llama_cpp(style, tmp_path):
+    tok = sentencepiece_style_tokenizer(tmp_path / "model", style)
+    small = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "vocab_size": len(tok) + 3}
+    config = transformers.LlamaConfig(**{**COMMON, **small})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "model"))
+    model, _ = velotune.FastLanguageModel.from_pretrained(str(tmp_path / "model"), dtype=torch.float32,
+                                                          device_map="cpu", progress=False)  # fmt: skip
+    path = save_gguf(model, str(tmp_path / "out"), tok, "f16")
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.token_type"].contents()[3 + 0xE2] == 6  # <0xE2>: a byte token
+    llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    # Metaspace's "first" scheme adds no space before text that starts with one; llama.cpp always adds it,
+    # so texts with leading spaces are left to the normalizer style.
+    texts = [MIXED, CORPUS, "\u00fcber\r\nna\u00efve\U0001f999\U0001f999 x=1", "Hello world"]
+    texts += ["  leading spaces and trailing  "] if style == "normalizer" else []
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text).input_ids, text
 
 
 def test_metadata_carries_special_tokens_chat_template_and_unused_rows(tokenizer, tmp_path):

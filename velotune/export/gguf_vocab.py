@@ -105,6 +105,8 @@ def _is_sentencepiece_style(spec: dict) -> bool:
 
 
 def _prepends_space(spec: dict) -> bool:
+    # llama.cpp prepends its space to every text; Metaspace's "first" scheme skips texts that already start
+    # with a space, so those two tokenize a leading space differently (one token more in llama.cpp).
     for p in _flatten(spec.get("pre_tokenizer")):
         if p["type"] == "Metaspace":
             return (
