@@ -111,6 +111,11 @@ def test_packed_documents_of_uneven_length_match_reference():
     _compare((1, 40, 40, 3, 1, 16), cu_seqlens=cu_seqlens)
 
 
+def test_empty_documents_in_cu_seqlens_change_nothing():
+    cu_seqlens = torch.tensor([0, 0, 13, 13, 30], dtype=torch.int32)
+    _compare((1, 30, 30, 2, 1, 16), cu_seqlens=cu_seqlens)
+
+
 def test_packed_attention_equals_running_each_document_alone():
     bounds = [0, 19, 22, 47]
     q, k, v, dout = _inputs(1, 47, 47, 4, 2, 24, seed=3)

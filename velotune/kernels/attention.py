@@ -9,6 +9,13 @@ lie in the same packed document.
 Packed batches: B == 1 and `cu_seqlens` (int32, [n_docs + 1], starting at 0, ending at T) marks
 where each document starts; no attention crosses a boundary. Padded batches: `key_padding_mask`
 [B, S] is 1 for real tokens, 0 for padding. Query rows that see no key return zeros.
+
+On CUDA the Triton path runs a FlashAttention-2-style kernel: the forward keeps an online softmax
+per query block and saves only the output and the per-row logsumexp; the backward recomputes the
+probabilities from q, k and that logsumexp in two kernels (dq per query block; dk and dv per key
+block, summing the GQA group in registers, deterministic). Key blocks that no query of a block can
+see (causal, window, other documents, all-padding ranges) are never read; blocks every query sees
+run without masks. `PLAIN_CAUSAL_BACKEND` may hand plain causal attention to PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -561,11 +568,13 @@ class _Masking:
 
 def _document_bounds(cu_seqlens: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Same documents as the reference: a boundary at every cu_seqlens[1:-1], computed without a host sync.
+    # Boundaries at or past the end (empty trailing documents) land in a spare slot at index S.
     device = cu_seqlens.device
-    boundary = torch.zeros(kv_len, dtype=torch.bool, device=device)
+    starts = torch.zeros(kv_len + 1, dtype=torch.int32, device=device)
+    inner = cu_seqlens[1:-1].long().clamp(0, kv_len)
+    starts.index_add_(0, inner, torch.ones_like(inner, dtype=torch.int32))
+    boundary = starts[:kv_len] > 0
     boundary[0] = True
-    inner = cu_seqlens[1:-1].long()
-    boundary[inner.clamp(0, kv_len - 1)] |= inner < kv_len
     idx = torch.arange(kv_len, device=device)
     start = torch.where(boundary, idx, 0).cummax(0).values
     is_last = torch.ones(kv_len, dtype=torch.bool, device=device)
