@@ -177,6 +177,17 @@ def test_unknown_target_names_raise_and_list_the_valid_names(tmp_path):
     with pytest.raises(AdapterError, match="'w1'"):
         FLM.get_peft_model(model, target_modules=["w1"])
     assert not any(isinstance(m, LoraProjection) for m in model.modules()), "a refused call changes nothing"
+    with pytest.raises(AdapterError, match="regex"):
+        FLM.get_peft_model(model, target_modules=r".*\.layers\.7\..*")
+    regex = FLM.get_peft_model(model, target_modules=r".*layers\.1\.self_attn\.(q|v)_proj")
+    assert (
+        regex.layers[1].attn.qkv.lora_blocks() == ["q_proj", "v_proj"]
+        and type(regex.layers[0].attn.qkv) is Projection
+    )
+    one = FLM.get_peft_model(load_ours(tmp_path), target_modules="o_proj")
+    assert (
+        one.layers[0].attn.o_proj.lora_blocks() == ["o_proj"] and type(one.layers[0].attn.qkv) is Projection
+    )
 
 
 @pytest.mark.parametrize(

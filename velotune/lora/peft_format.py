@@ -182,7 +182,9 @@ def resolve_targets(sites: list[LoraSite], target_modules) -> dict[LoraSite, int
     """
     valid = valid_target_names(sites) + [ALL_LINEAR]
     if isinstance(target_modules, str):
-        target_modules = [target_modules] if target_modules == ALL_LINEAR else re.compile(target_modules)
+        # A bare name is taken as a one-name list (PEFT would try it as a whole-path regex and fail).
+        plain = target_modules == ALL_LINEAR or target_modules in valid
+        target_modules = [target_modules] if plain else re.compile(target_modules)
     if not isinstance(target_modules, re.Pattern):
         target_modules = list(target_modules)
         if not target_modules:
