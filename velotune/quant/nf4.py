@@ -33,8 +33,10 @@ from velotune.kernels._dispatch import use_triton
 from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# Elements handled by one program of the 4-bit kernels; a whole number of quantization blocks.
-_ELEMENTS_PER_PROGRAM = 4096
+# Elements handled by one program of the 4-bit kernels (a whole number of quantization blocks),
+# and warps per program of the dequantization kernel; tests/quant/gpu_check_nf4.py sweeps both.
+ELEMENTS_PER_PROGRAM = 4096
+DEQUANT_WARPS = 4
 
 
 @triton.jit
@@ -43,7 +45,8 @@ def _inverse_scale(absmax):
     # instead of 1e38: its elements scale to 0 either way, and 0 survives a flush-to-zero of the
     # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. div_rn: IEEE division (plain `/`
     # compiles to an approximate divide on NVIDIA GPUs).
-    return tl.where(absmax > 0, tl.div_rn(1.0, tl.maximum(absmax, 1e-38)), 0.0)
+    one = tl.full(absmax.shape, 1.0, tl.float32)
+    return tl.where(absmax > 0, tl.div_rn(one, tl.maximum(absmax, 1e-38)), 0.0)
 
 
 # 4-bit quantization, ROWS blocks of BLOCKSIZE elements per program.
@@ -317,7 +320,7 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
 
 
 def _rows_per_program(blocksize: int) -> int:
-    return max(1, _ELEMENTS_PER_PROGRAM // blocksize)
+    return max(1, ELEMENTS_PER_PROGRAM // blocksize)
 
 
 def quantize_nf4_triton(
@@ -396,7 +399,7 @@ def dequantize_nf4_triton(
         NESTED_BLOCKSIZE=q.nested_blocksize,
         ROWS=rows,
         DOUBLE_QUANT=nested,
-        num_warps=4,
+        num_warps=DEQUANT_WARPS,
         enable_fp_fusion=False,
     )
     return out

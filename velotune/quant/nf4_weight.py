@@ -66,6 +66,7 @@ class NF4Weight(nn.Module):
         self._device = torch.device(device)
         # Per part: (first row, rows, original dtype, blocksize, nested_blocksize); tensors are buffers.
         self._parts: list[tuple[int, int, torch.dtype, int, int]] = []
+        self._views: list[tuple[int, NF4Tensor]] | None = None  # parts() built once per placement or move
 
     @property
     def shape(self) -> torch.Size:
@@ -114,16 +115,20 @@ class NF4Weight(nn.Module):
         for field in _FIELDS:
             self.register_buffer(f"part{index}_{field}", getattr(q, field))
         self._parts.append((row0, rows, q.dtype, q.blocksize, q.nested_blocksize))
+        self._views = None
 
     def parts(self) -> list[tuple[int, NF4Tensor]]:
         """(first row, NF4Tensor) of every part, in row order."""
+        if self._views is not None:
+            return self._views
         out = []
         for index, (row0, rows, dtype, blocksize, nested_blocksize) in enumerate(self._parts):
             tensors = {field: getattr(self, f"part{index}_{field}") for field in _FIELDS}
             q = NF4Tensor(shape=(rows, self.in_features), dtype=dtype, blocksize=blocksize,
                           nested_blocksize=nested_blocksize, **tensors)  # fmt: skip
             out.append((row0, q))
-        return sorted(out, key=lambda item: item[0])
+        self._views = sorted(out, key=lambda item: item[0])
+        return self._views
 
     def _check_complete(self) -> None:
         if self.rows_filled() != self.out_features:
@@ -176,6 +181,7 @@ class NF4Weight(nn.Module):
                 self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._device))
         self.compute_dtype, self._device = probe.dtype, probe.device
+        self._views = None
         return self
 
     def __getitem__(self, index):
