@@ -3,8 +3,6 @@ what the adapted model computes, and the model is left as it was."""
 
 import os
 
-import llama_cpp
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -63,23 +61,3 @@ def test_unavailable_and_unknown_save_methods_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="save_method"):
         model.save_pretrained_merged(str(tmp_path / "out"), save_method="merged_8bit")
     assert not (tmp_path / "out").exists()
-
-
-def test_gguf_of_a_lora_model_runs_in_llama_cpp_with_the_adapted_logits(tmp_path):
-    tok = build_tokenizer(str(tmp_path / "src"))
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "src"))
-    model, tok = velotune.FastLanguageModel.from_pretrained(str(tmp_path / "src"), dtype=torch.float32,
-                                                            device_map="cpu", progress=False)  # fmt: skip
-    model = velotune.FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
-                                                      use_gradient_checkpointing=False)  # fmt: skip
-    path = model.save_pretrained_gguf(str(tmp_path / "out"), tok, quantization_method="f32")
-    assert sorted(os.listdir(tmp_path / "out")) == ["Modelfile", "model.F32.gguf"]
-    assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./model.F32.gguf\n")
-    ids = tok("Gradient checkpointing saves the input of each layer").input_ids
-    llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    assert rel_err(theirs, logits(model, torch.tensor([ids]))[0]) < 1e-4

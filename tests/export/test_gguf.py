@@ -152,6 +152,32 @@ def test_gemma2_without_soft_caps_is_not_capped_by_llama_cpp(tokenizer, tmp_path
     assert rel_err(torch.from_numpy(theirs), torch.from_numpy(velotune_logits(model, ids))) < 1e-3
 
 
+def test_bf16_files_run_in_llama_cpp(tokenizer, tmp_path):
+    model = random_model("llama", tmp_path / "model", tokenizer)
+    ids = prompt_ids(tokenizer)
+    path = save_gguf(model, str(tmp_path / "out"), tokenizer, "bf16")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
+    # bfloat16 keeps 8 significant bits: ~0.4% per weight.
+    assert (
+        rel_err(torch.from_numpy(llama_cpp_logits(path, ids)), torch.from_numpy(velotune_logits(model, ids)))
+        < 3e-2
+    )
+
+
+def test_q8_0_writes_rows_its_block_does_not_divide_as_f16(tokenizer, tmp_path):
+    model = random_model("llama", tmp_path / "model", tokenizer, std=0.02, intermediate_size=72)
+    path = save_gguf(model, str(tmp_path / "out"), tokenizer, "q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 72 values: not a multiple of Q8_0's 32
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.ffn_norm.weight"] == "F32"
+    ids = prompt_ids(tokenizer)
+    assert (
+        rel_err(torch.from_numpy(llama_cpp_logits(path, ids)), torch.from_numpy(velotune_logits(model, ids)))
+        < 0.06
+    )
+
+
 def test_q4_k_m_is_made_by_llama_cpps_quantizer_and_loads(tokenizer, tmp_path):
     model = random_model("llama", tmp_path / "model", tokenizer, std=0.02)
     path = save_gguf(model, str(tmp_path / "out"), tokenizer, "q4_k_m")
@@ -165,6 +191,23 @@ def test_q4_k_m_is_made_by_llama_cpps_quantizer_and_loads(tokenizer, tmp_path):
     assert np.isfinite(theirs).all()
     # 64-wide rows are below Q4_K's 256 block, so llama.cpp falls back to its smaller 4/5-bit types.
     assert rel_err(torch.from_numpy(theirs), torch.from_numpy(velotune_logits(model, ids))) < 0.25
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_the_gguf_of_a_lora_model_computes_the_adapted_logits(family, tokenizer, tmp_path):
+    model = random_model(family, tmp_path / "model", tokenizer)
+    # B random too, so that the adapter changes every output; Mixtral's experts and router are adapted.
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets += ["gate"] if family == "mixtral" else []
+    model = velotune.FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
+                                                      target_modules=targets, use_gradient_checkpointing=False)  # fmt: skip
+    ids = prompt_ids(tokenizer)
+    ours = torch.from_numpy(velotune_logits(model, ids))
+    path = model.save_pretrained_gguf(str(tmp_path / "out"), tokenizer, quantization_method="f32")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "model.F32.gguf"]
+    assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./model.F32.gguf\n")
+    assert rel_err(torch.from_numpy(llama_cpp_logits(path, ids)), ours) < 1e-4
+    assert torch.equal(torch.from_numpy(velotune_logits(model, ids)), ours)  # merged into copies only
 
 
 def byte_level_tokenizer(folder, split_pattern: str | None):

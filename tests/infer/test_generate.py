@@ -80,13 +80,17 @@ def test_stop_strings_end_generation_where_transformers_does(with_tokenizer):
     hf, ours, tok = with_tokenizer
     prompt = tok("A LoRA adapter", return_tensors="pt").input_ids
     free = ours.generate(prompt, max_new_tokens=12)
-    # A stop string spanning two new tokens' text (the later one completes it), taken where the text is
-    # plain (no special token, no partial UTF-8 character), at the latest such place.
+    # A stop string made of the k-th new token's text and the character before it, at the latest place where
+    # both tokens are ordinary (not special, no partial UTF-8 character) and the string is new there.
     new = free[0, prompt.shape[1] :].tolist()
     texts = [tok.decode(new[:k]) for k in range(len(new) + 1)]
-    plain = [k for k in range(2, len(new)) if new[k - 1] > 2 and "\ufffd" not in texts[k] and len(texts[k]) > len(texts[k - 1]) > 0
-             and texts[k - 1] == texts[k][: len(texts[k - 1])]]  # fmt: skip
-    k = plain[-1]
+
+    def usable(k: int) -> bool:
+        before, after = texts[k - 1], texts[k]
+        ok = min(new[k - 2], new[k - 1]) > 2 and len(after) > len(before) > 0 and after.startswith(before)
+        return ok and "\ufffd" not in after[len(before) - 1 :] and after[len(before) - 1 :] not in before
+
+    k = max(k for k in range(2, len(new) + 1) if usable(k))
     stop = texts[k][len(texts[k - 1]) - 1 :]
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tok,
                            pad_token_id=0, eos_token_id=None)  # fmt: skip
