@@ -1,4 +1,4 @@
-"""The `velotune` command: quickstart, env."""
+"""The `velotune` command: quickstart, train, env."""
 
 from __future__ import annotations
 
@@ -33,25 +33,65 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from velotune.train.config import load_config, run
+
+    config = load_config(args.config, args.overrides)
+    with logging_redirect_tqdm():
+        folder = run(config)
+    sys.stdout.write(f"saved the trained result to {folder}\n")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from velotune.quickstart import run
 
-    text = run(args.output_dir, args.prompt, args.max_new_tokens)
-    sys.stdout.write(f"\n--- generation ---\n{text}\n")
-    return 0
+    with logging_redirect_tqdm():
+        result = run(args.output_dir, args.max_steps, say=lambda line: sys.stdout.write(line + "\n"))
+    return 0 if result["right"] > 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="velotune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="build a tiny model locally, load it through velotune, generate")
+    q = sub.add_parser(
+        "quickstart",
+        help="build a tiny model locally, fine-tune it with LoRA on a made-up task, show what it learned",
+    )
     q.add_argument("--output-dir", default="quickstart_out")
-    q.add_argument("--prompt", default="A LoRA adapter")
-    q.add_argument("--max-new-tokens", type=int, default=24)
+    q.add_argument("--max-steps", type=int, default=120)
     q.set_defaults(func=_quickstart)
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config (see velotune/train/config.py for the schema)",
+        epilog="Any --section.key=value after the config overrides that YAML value, e.g. --training.max_steps=100.",
+    )
+    t.add_argument("config", help="path of the YAML config")
+    t.set_defaults(func=_train)
     e = sub.add_parser("env", help="versions and device")
     e.set_defaults(func=_env)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+        if bad:
+            parser.error(f"train overrides look like --section.key=value; got {' '.join(bad)}")
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from velotune.errors import VelotuneError
+
+    try:
+        return args.func(args)
+    except VelotuneError as exc:  # a typed error already says what to do: no traceback unless asked
+        if args.verbose:
+            raise
+        sys.stderr.write(f"velotune {args.command}: {type(exc).__name__}: {exc}\n")
+        return 2

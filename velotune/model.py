@@ -23,8 +23,26 @@ class VelotuneModel(DecoderModel):
         """See `velotune.infer.generate.generate` for the arguments (max_new_tokens, do_sample, ...)."""
         return _generate(self, input_ids, attention_mask, **kwargs)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    # Read by transformers.Trainer: labels are shifted inside the loss (so it counts num_items_in_batch
+    # over labels[..., 1:]), and the name of the tensor it counts tokens from.
+    loss_type = "ForCausalLM"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+    def num_parameters(
+        self,
+        trainable_only: bool = False,
+        exclude_embeddings: bool = False,
+        only_trainable: bool | None = None,
+    ) -> int:
+        """Parameter count (`only_trainable` / `exclude_embeddings`: Transformers' names, used by its Trainer)."""
+        trainable_only = trainable_only or bool(only_trainable)
+        skip = {id(self.embed_tokens.weight)} if exclude_embeddings else set()
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if (p.requires_grad or not trainable_only) and id(p) not in skip
+        )
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         self.gradient_checkpointing = True

@@ -130,3 +130,29 @@ def test_checkpoints_are_whole_or_absent_and_rotated(folder, tmp_path, monkeypat
         trainer.save_checkpoint()
     # The interrupted checkpoint never appears under its final name: resuming picks the last whole one.
     assert ckpt.resolve(True, str(tmp_path)).endswith("checkpoint-3")
+
+
+def lora_model(folder, dropout: float):
+    import velotune
+
+    model = fresh(folder)
+    return velotune.FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
+                                                     use_gradient_checkpointing=False, random_state=1)  # fmt: skip
+
+
+def test_lora_with_dropout_resumes_exactly_and_checkpoints_hold_the_peft_adapter(folder, tmp_path):
+    """Dropout draws from torch's generator: an exact resume needs its state restored too."""
+    common = dict(batch_size=2, max_steps=4, save_steps=2, save_total_limit=None, learning_rate=1e-2)
+    data = dataset(8)
+    Trainer(lora_model(folder, 0.1), args(tmp_path / "full", **common), train_dataset=data).train()
+    full = [r["loss"] for r in read_log(tmp_path / "full")]
+    files = os.listdir(tmp_path / "full" / "checkpoint-2")
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    torch.manual_seed(12345)  # whatever the generator holds before, the checkpoint's state wins
+    trainer = Trainer(lora_model(folder, 0.1), args(tmp_path / "resumed", **common), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert [r["loss"] for r in read_log(tmp_path / "resumed")] == full[2:]
+    assert os.path.isfile(trainer.save_model(str(tmp_path / "final")) + "/adapter_model.safetensors")
