@@ -45,7 +45,8 @@ class VelotuneModel(DecoderModel):
         )
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.gradient_checkpointing = True
+        # Transformers' Trainer calls this; it must not downgrade an "offload" setting to GPU checkpoints.
+        self.gradient_checkpointing = self.gradient_checkpointing or True
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False

@@ -19,7 +19,12 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     from velotune.lora import lora_parameters
 
     adapter = {id(p) for p in lora_parameters(model)}
-    return {name: p for name, p in model.named_parameters() if id(p) not in adapter}
+    params = {name: p for name, p in model.named_parameters() if id(p) not in adapter}
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize") and hasattr(module, "shape"):
+            # A 4-bit base weight is a module holding packed data; its shape stands in for the tensor.
+            params[name] = torch.empty(module.shape, device="meta")
+    return params
 
 
 def _owner(model: nn.Module, internal: str) -> tuple[nn.Module, str]:
@@ -67,6 +72,9 @@ class EffectiveWeights:
     def _parameter(self, internal: str) -> tuple[nn.Module, str, torch.Tensor]:
         module, attr = _owner(self.model, internal)
         weight = getattr(module, attr)
+        if not isinstance(weight, torch.Tensor) and hasattr(weight, "dequantize"):
+            # A 4-bit base (QLoRA) is merged in 16-bit: dequantized one projection at a time.
+            weight = weight.dequantize()
         if not isinstance(weight, torch.Tensor):
             raise ConfigError(f"{internal!r} is not a tensor of the model.")
         return module, attr, weight
@@ -92,5 +100,9 @@ class EffectiveWeights:
 
     def shape(self, internal: str, index: tuple = ()) -> tuple[int, ...]:
         """Shape of a slice without merging anything (the base parameter has the merged shape)."""
+        module, attr = _owner(self.model, internal)
+        weight = getattr(module, attr)
+        if not isinstance(weight, torch.Tensor) and hasattr(weight, "dequantize"):
+            return tuple(torch.empty(weight.shape, device="meta")[index].shape) if index else tuple(weight.shape)
         _, _, weight = self._parameter(internal)
         return tuple(weight[index].shape) if index else tuple(weight.shape)
