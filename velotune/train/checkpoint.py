@@ -152,25 +152,34 @@ def resolve(resume_from_checkpoint, output_dir: str) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restores trainables, optimizer, scheduler and RNG from `path`; returns (trainer state, extra)."""
+def load_trainables(model, file: str) -> None:
+    """Copies a trainable.safetensors file into the model's trainable parameters (names must match exactly)."""
     from safetensors.torch import load_file
 
-    saved = load_file(os.path.join(path, TRAINABLE))
+    if not os.path.isfile(file):
+        raise CheckpointError(
+            f"{file} not found: the checkpoint is incomplete or was not written by velotune."
+        )
+    saved = load_file(file)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise CheckpointError(
-            f"{path} does not match the model's trainable parameters (missing {missing[:3]}, unexpected "
+            f"{file} does not match the model's trainable parameters (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}). Resume with the same model and LoRA settings as the run that wrote it."
         )
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
                 raise CheckpointError(
-                    f"{path}: {name} has shape {list(saved[name].shape)}, the model {list(p.shape)}."
+                    f"{file}: {name} has shape {list(saved[name].shape)}, the model {list(p.shape)}."
                 )
             p.copy_(saved[name])
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restores trainables, optimizer, scheduler and RNG from `path`; returns (trainer state, extra)."""
+    load_trainables(model, os.path.join(path, TRAINABLE))
     optimizer.load_state_dict(
         torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     )
