@@ -102,10 +102,10 @@ def test_vocab_151936_with_softcap_and_ignored_labels_matches_reference(skip_ign
     got = _run(fn, hidden, weight, b, labels, **kw)
     want = _run(linear_cross_entropy_reference, hidden, weight, b, labels, **kw)
     _assert_match((got[0], None, got[2], got[3]), (want[0], None, want[2], want[3]))
-    # d_hidden is a float32 dot product of length 151,936 per element, whose rounding (~2e-5 relative,
-    # the reference's own) differs with the summation order; judge both against float64 instead.
+    # d_hidden is a float32 dot product of length 151,936 per element; the float32 reference's own
+    # rounding of it varies with the BLAS thread count, so judge against float64 instead.
     exact = _run(linear_cross_entropy_reference, hidden.double(), weight.double(), b.double(), labels, **kw)
-    assert _rel_err(got[1], exact[1]) <= 2.0 * _rel_err(want[1], exact[1])
+    assert _rel_err(got[1], exact[1]) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
