@@ -107,3 +107,62 @@ def test_rms_norm_rejects_hidden_sizes_beyond_the_kernel_limit():
 
     with pytest.raises(KernelError, match="hidden"):
         RMSNormFunction.apply(torch.randn(1, 16385), torch.ones(16385), 1e-6, 0.0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("n_rows,n_programs", [(1, 4), (2, 4), (9, 4), (13, 4), (13, 5), (7, 7), (16, 3)])
+def test_rms_norm_backward_splits_rows_over_any_program_count(monkeypatch, n_rows, n_programs, offset):
+    # Row counts that do not divide evenly, fewer rows than programs, and one row per program, all on
+    # the chunked dW kernel.
+    monkeypatch.setattr(rmsnorm, "_dw_programs", lambda x, n: max(1, min(n_programs, n)))
+    gen = torch.Generator().manual_seed(n_rows * 31 + n_programs)
+    x = torch.randn(n_rows, 45, generator=gen) * 2
+    w = torch.randn(45, generator=gen) * 0.3 + (0.0 if offset else 1.0)
+    y, dx, dw = _run(RMSNormFunction.apply, x, w, 1e-6, offset, True)
+    y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, 1e-6, offset, True)
+    assert _rel_err(y, y_ref) < 1e-5 and _rel_err(dx, dx_ref) < 1e-5 and _rel_err(dw, dw_ref) < 1e-5
+
+
+def test_rms_norm_backward_launches_no_program_without_rows(monkeypatch):
+    # 9 rows over 4 requested programs is 3 rows each: a fourth program would only write zeros.
+    monkeypatch.setattr(rmsnorm, "_dw_programs", lambda x, n: 4)
+    shapes = []
+    real_empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        shapes.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    _run(RMSNormFunction.apply, torch.randn(9, 20), torch.rand(20), 1e-6, 0.0, True)
+    assert (3, 20) in shapes and (4, 20) not in shapes
+
+
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_rms_norm_backward_ignores_rows_past_the_last_one(train_weight):
+    # x and dy are views of larger buffers whose following rows are NaN: a kernel that used a row past
+    # the last one (an off-by-one in the chunk bounds) would turn the gradients into NaN.
+    n, h = 11, 50
+    xb = torch.full((n + 2, h), float("nan"))
+    xb[:n] = torch.randn(n, h, generator=torch.Generator().manual_seed(3))
+    x = xb[:n].requires_grad_(True)
+    w = torch.rand(h).requires_grad_(train_weight)
+    y = RMSNormFunction.apply(x, w, 1e-6, 0.0)
+    dyb = torch.full((n + 2, h), float("nan"))
+    dyb[:n] = torch.randn(n, h, generator=torch.Generator().manual_seed(4))
+    y.backward(dyb[:n])
+    xr = xb[:n].clone().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(train_weight)
+    rms_norm_reference(xr, wr, 1e-6, 0.0).backward(dyb[:n])
+    assert _rel_err(x.grad, xr.grad) < 1e-5
+    if train_weight:
+        assert _rel_err(w.grad, wr.grad) < 1e-5
+
+
+def test_rms_norm_frozen_weight_backward_writes_every_gradient_element(poisoned_buffers):
+    for offset in (0.0, 1.0):
+        x, w = torch.randn(1, 13, 75), torch.rand(75)
+        _, dx, dw = _run(RMSNormFunction.apply, x, w, 1e-5, offset, False)
+        _, dx_ref, _ = _run(rms_norm_reference, x, w, 1e-5, offset, False)
+        assert dw is None and torch.isfinite(dx).all() and _rel_err(dx, dx_ref) < 1e-5

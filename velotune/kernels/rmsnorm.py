@@ -52,12 +52,45 @@ def _rms_norm_fwd_kernel(
     tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Backward over a contiguous chunk of rows per program, so that dW can be accumulated in registers
+# Backward with a frozen weight: one row per program, like the forward (no reduction across rows).
+#   n = x * rstd,  g = dy * (offset + w),  dx = rstd * (g - n * mean(g * n))
+# Kept apart from the dW kernel below: without the row loop and the dW accumulator it compiles to
+# about as many registers as the forward (64 vs 87 at hidden 4096, 8 warps, sm_90), so twice as many
+# programs (rows in flight) fit on an SM.
+# Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H).
+@triton.jit
+def _rms_norm_bwd_dx_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    hidden,
+    offset,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    rstd = tl.load(rstd_ptr + row)
+    normed = x * rstd
+    g = dy * w
+    dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / hidden))
+    tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# Backward with dW: a contiguous chunk of rows per program, so that dW is accumulated in registers
 # over the chunk and written once per program (no second pass over x, no atomics):
-#   n = x * rstd,  g = dy * (offset + w)
-#   dx = rstd * (g - n * mean(g * n))
-#   dW_partial[pid] = sum_rows dy * n            (only when COMPUTE_DW)
-# Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H) and, with dW, n_programs*H float32.
+#   dx as above,  dW_partial[pid] = sum_rows dy * n
+# The launcher gives it several programs per SM (see DW_PROGRAMS_PER_SM); one program per SM
+# walking ~60 rows one after another left HBM idle during every row's reduction.
+# Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H) and n_programs*H float32.
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr,
@@ -74,7 +107,6 @@ def _rms_norm_bwd_kernel(
     rows_per_program,
     offset,
     GEMMA_FORM: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,14 +125,12 @@ def _rms_norm_bwd_kernel(
         g = dy * w
         dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / hidden))
         tl.store(dx_ptr + row64 * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if COMPUTE_DW:
-            if GEMMA_FORM:
-                dw_acc += dy * normed
-            else:
-                # The weight multiplied the normalised row after rounding to x's dtype.
-                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if COMPUTE_DW:
-        tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, dw_acc, mask=mask)
+        if GEMMA_FORM:
+            dw_acc += dy * normed
+        else:
+            # The weight multiplied the normalised row after rounding to x's dtype.
+            dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, dw_acc, mask=mask)
 
 
 def _num_warps(block: int) -> int:
@@ -116,11 +146,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Programs per SM for the backward with dW. At hidden 4096 the dW kernel takes 116 registers a
+# thread (8 warps, sm_90), so two programs are resident per SM; one per SM (the old launch) kept a
+# single row in flight per SM (H100, 8K tokens: 0.22 ms against a 0.07 ms floor). A multiple of the
+# residency keeps the waves even; the partial-dW buffer it costs (4 * 132 * 4096 * 4 bytes = 8.6 MB
+# at Llama-8B sizes, summed once) is small next to the 200 MB the kernel moves.
+DW_PROGRAMS_PER_SM = 4
+
+
 def _dw_programs(x: torch.Tensor, n_rows: int) -> int:
-    # One program per SM keeps the partial-dW buffer tiny (n_SM * H * 4 bytes) while filling the GPU;
-    # on CPU (interpreter) a few programs still exercise the multi-row loop.
+    # On CPU (interpreter) a few programs still exercise the multi-row loop and the partial sum.
     n = (
-        _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        DW_PROGRAMS_PER_SM
+        * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         if x.is_cuda
         else 4
     )
@@ -186,19 +224,34 @@ def rms_norm_backward(
     dy2 = _as_rows(dy, hidden)
     n_rows = x2.shape[0]
     dx = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
-    if compute_dw:
-        n_programs = _dw_programs(x, n_rows)
-        dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=x.device)
-    else:
-        n_programs = n_rows  # one row per program: no reduction across rows is needed
-        dw_partial = dx  # never touched (COMPUTE_DW is off); any pointer of the right kind will do
+    w = weight.contiguous()
+    block = triton.next_power_of_2(hidden)
+    if not compute_dw:
+        if n_rows > 0:
+            _rms_norm_bwd_dx_kernel[(n_rows,)](
+                dy2,
+                x2,
+                w,
+                rstd,
+                dx,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                hidden,
+                offset,
+                BLOCK=block,
+                num_warps=_num_warps(block),
+            )
+        return dx.view(x.shape), None
+    rows_per_program = triton.cdiv(n_rows, _dw_programs(x, n_rows)) if n_rows > 0 else 1
+    # Rounding rows up per program can leave trailing programs without a row; they are not launched.
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        block = triton.next_power_of_2(hidden)
-        rows_per_program = triton.cdiv(n_rows, n_programs)
         _rms_norm_bwd_kernel[(n_programs,)](
             dy2,
             x2,
-            weight.contiguous(),
+            w,
             rstd,
             dx,
             dw_partial,
@@ -210,13 +263,10 @@ def rms_norm_backward(
             rows_per_program,
             offset,
             GEMMA_FORM=offset != 0.0,
-            COMPUTE_DW=compute_dw,
             BLOCK=block,
             num_warps=_num_warps(block),
         )
-    dweight = None
-    if compute_dw:
-        dweight = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+    dweight = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
     return dx.view(x.shape), dweight
 
 
