@@ -20,7 +20,8 @@ quickstart: $(VENV)/.installed
 	$(PY) -m velotune quickstart
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	# One BLAS thread per xdist worker: two workers on two cores would otherwise oversubscribe.
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS) tests
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff==0.14.6 && $(PY) -m ruff check velotune tests benchmarks
