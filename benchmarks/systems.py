@@ -177,10 +177,11 @@ def load_velotune(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]
             lora_alpha=spec["lora_alpha"],
             lora_dropout=spec["lora_dropout"],
             target_modules=list(LORA_TARGETS),
-            use_gradient_checkpointing=True,
+            # Offloaded layer inputs, like Unsloth's "unsloth" mode above: the same memory class.
+            use_gradient_checkpointing="offload",
         )
         notes["lora_targets"] = list(LORA_TARGETS)
-        notes["gradient_checkpointing"] = "velotune (get_peft_model)"
+        notes["gradient_checkpointing"] = "velotune offload (get_peft_model)"
     elif full_takes_checkpointing:
         notes["gradient_checkpointing"] = "velotune (from_pretrained)"
     else:
