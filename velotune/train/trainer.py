@@ -29,6 +29,7 @@ from velotune.train.callbacks import (
     memory_gb,
 )
 from velotune.train.data import TokenizedDataset
+from velotune.train.distributed import Parallel
 from velotune.train.optim import build_optimizer, build_scheduler
 from velotune.train.packing import BatchPlan, collate_packed, collate_padded, num_label_tokens
 
@@ -64,6 +65,8 @@ class TrainingArguments:
         save_total_limit: keep only the newest N checkpoints (None: all).
         progress: a progress bar (else one log line per logging step).
         report_to: "none" or "tensorboard".
+        parallel: with several processes (torchrun / accelerate launch): "auto" (DDP with LoRA, FSDP2 for full
+            fine-tuning), "ddp" or "fsdp". batch_size is per process. See velotune.train.distributed.
     """
 
     output_dir: str = "outputs"
@@ -94,6 +97,7 @@ class TrainingArguments:
     save_total_limit: int | None = 2
     progress: bool = True
     report_to: str = "none"
+    parallel: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)  # free-form, saved with checkpoints
 
     def __post_init__(self):
@@ -159,6 +163,9 @@ class Trainer:
             "log_history": [],
         }
         self.optimizer = self.scheduler = self.scaler = None
+        # Ranks come from the environment (torchrun / accelerate); one process: everything as before.
+        self.parallel = Parallel(self.args.parallel)
+        self._forward = model
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -173,8 +180,9 @@ class Trainer:
                             f"e.g. {dataset.where[i]} ({int(lengths[i])} tokens). Shorten or drop them.")  # fmt: skip
 
     def _collate(self, dataset: TokenizedDataset, rows: list[list[int]]) -> tuple[dict, int]:
-        """A micro-batch's tensors and its count of real (non-pad) tokens."""
-        real = sum(int(dataset.lengths[i]) for row in rows for i in row)
+        """This rank's share of a micro-batch: its tensors and its count of real (non-pad) tokens."""
+        rows, stand_in = self.parallel.rows_of(rows, self.args.batch_size)
+        real = 0 if stand_in else sum(int(dataset.lengths[i]) for row in rows for i in row)
         if self.args.packing:
             batch = collate_packed([[dataset[i] for i in row] for row in rows], self.pad_token_id,
                                    self.args.pad_to_multiple_of)  # fmt: skip
@@ -182,7 +190,14 @@ class Trainer:
             batch = collate_padded(
                 [dataset[row[0]] for row in rows], self.pad_token_id, self.args.pad_to_multiple_of
             )
+        if stand_in:  # a rank with no rows left joins the step's collectives with zero loss
+            batch["labels"].fill_(-100)
         return batch, real
+
+    @staticmethod
+    def _label_count(dataset: TokenizedDataset, rows: list[list[int]]) -> int:
+        """num_label_tokens of these rows once collated (each example's first label is masked), from the data."""
+        return sum(int((dataset[i]["labels"][1:] != -100).sum()) for row in rows for i in row)
 
     def _to_device(self, batch: dict) -> dict:
         device = self.model.device
@@ -195,6 +210,8 @@ class Trainer:
         return torch.autocast(self.model.device.type, dtype=dtype)
 
     def _emit(self, hook: str, *extra) -> None:
+        if not self.parallel.is_main:  # logs, progress and files come from rank 0 only
+            return
         for cb in self.callbacks:
             getattr(cb, hook)(self, *extra)
 
@@ -216,9 +233,13 @@ class Trainer:
         if self.eval_dataset is not None:
             self._check_lengths(self.eval_dataset, "eval_dataset")
         torch.manual_seed(args.seed)
-        plan = BatchPlan(
-            data.lengths, args.batch_size, args.seed, args.packing, self.max_seq_length, args.shuffle
-        )
+        par = self.parallel
+        if args.gradient_checkpointing is not None:
+            model.gradient_checkpointing = bool(args.gradient_checkpointing)
+        # Before the optimizer: FSDP2 replaces the parameters by sharded ones.
+        self._forward = par.wrap(model, _has_adapter(model))
+        plan = BatchPlan(data.lengths, par.global_batch_size(args.batch_size), args.seed, args.packing,
+                         self.max_seq_length, args.shuffle)  # fmt: skip
         accum = args.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(plan) / accum)
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
@@ -235,14 +256,13 @@ class Trainer:
 
         path = ckpt.resolve(resume_from_checkpoint, args.output_dir)
         if path is not None:
-            saved, extra = ckpt.load_checkpoint(path, model, self.optimizer, self.scheduler)
+            with par.loading(self.optimizer) as optimizer:
+                saved, extra = ckpt.load_checkpoint(path, model, optimizer, self.scheduler)
             self.state.update(saved, max_steps=max_steps)
             if self.scaler is not None and "scaler" in extra:
                 self.scaler.load_state_dict(extra["scaler"])
             logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
-        if args.gradient_checkpointing is not None:
-            model.gradient_checkpointing = bool(args.gradient_checkpointing)
         model.train()
         trainable = [p for _, p in params]
         self._emit("on_train_begin")
@@ -259,17 +279,24 @@ class Trainer:
             ]
             # The whole step's label count, known before the first forward: every micro-batch's loss is
             # a share of the large batch's mean, and no device sync is needed to get it.
-            n_items = max(1, sum(num_label_tokens(batch) for batch, _ in micro))
-            for batch, real in micro:
-                with self._autocast():
-                    loss = model(**self._to_device(batch), num_items_in_batch=n_items).loss
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # With several ranks it counts every rank's rows, from the plan (no communication).
+            window_rows = epoch_batches[window * accum : (window + 1) * accum]
+            if par.world_size > 1:
+                n_items = max(1, sum(self._label_count(data, rows) for rows in window_rows))
+            else:
+                n_items = max(1, sum(num_label_tokens(batch) for batch, _ in micro))
+            for i, (batch, real) in enumerate(micro):
+                with par.sync_gradients(i == len(micro) - 1):
+                    with self._autocast():
+                        loss = self._forward(**self._to_device(batch), num_items_in_batch=n_items).loss
+                    scaled = loss * par.loss_scale if par.world_size > 1 else loss
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 loss_acc += loss.detach()
                 real_tokens += real
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if args.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                grad_norm = par.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -286,9 +313,11 @@ class Trainer:
             done = step + 1 == max_steps
             if (step + 1) % args.logging_steps == 0 or done:
                 elapsed = time.perf_counter() - clock
+                loss_sum, real_tokens = par.sum([loss_acc.item(), real_tokens], model.device)
+                real_tokens = int(real_tokens)
                 self.state["tokens_seen"] += real_tokens
                 record = {"step": step + 1, "epoch": round(self.state["epoch"], 4),
-                          "loss": loss_acc.item() / steps_in_log, "lr": lr,
+                          "loss": loss_sum / steps_in_log, "lr": lr,
                           "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": real_tokens / max(elapsed, 1e-9), "tokens_seen": self.state["tokens_seen"],
                           "memory_gb": round(memory_gb(model.device), 3)}  # fmt: skip
@@ -310,25 +339,27 @@ class Trainer:
         data = _as_dataset(dataset) or self.eval_dataset
         if data is None:
             raise DataError("no eval_dataset to evaluate on.")
-        plan = BatchPlan(
-            data.lengths, self.args.batch_size, 0, self.args.packing, self.max_seq_length, shuffle=False
-        )
+        par = self.parallel
+        plan = BatchPlan(data.lengths, par.global_batch_size(self.args.batch_size), 0, self.args.packing,
+                         self.max_seq_length, shuffle=False)  # fmt: skip
         was_training = self.model.training
         self.model.eval()
         total, count = torch.zeros((), device=self.model.device), 0
-        for rows in plan.epoch(0):
-            batch, _ = self._collate(data, rows)
-            n = num_label_tokens(batch)
-            if n == 0:
-                continue
-            with self._autocast():
-                # num_items_in_batch=1 turns the mean into the summed token loss.
-                total += self.model(
-                    **self._to_device(batch), num_items_in_batch=1, return_logits=False
-                ).loss.float()
-            count += n
+        with par.gathered_for_forward():
+            for rows in plan.epoch(0):
+                batch, _ = self._collate(data, rows)
+                n = num_label_tokens(batch)
+                if n == 0 and par.world_size == 1:
+                    continue
+                with self._autocast():
+                    # num_items_in_batch=1 turns the mean into the summed token loss.
+                    total += self._forward(
+                        **self._to_device(batch), num_items_in_batch=1, return_logits=False
+                    ).loss.float()
+                count += n
         self.model.train(was_training)
-        return total.item() / max(count, 1)
+        total, count = par.sum([total.item(), count], self.model.device)
+        return total / max(count, 1)
 
     # ------------------------------------------------------------------------------------ saving
 
@@ -338,9 +369,14 @@ class Trainer:
         state["args"] = {k: v for k, v in asdict(self.args).items()}
         extra = {"scaler": self.scaler.state_dict()} if self.scaler is not None else None
         adapter = self.model.save_pretrained if _has_adapter(self.model) else None
-        path = ckpt.save_checkpoint(self.args.output_dir, step, self.model, self.optimizer, self.scheduler, state,
-                                    extra, adapter)  # fmt: skip
-        ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
+        # Whole tensors in the one-process layout (gathered from every rank under FSDP2), written by rank 0.
+        model, optimizer = self.parallel.full_views(self.model, self.optimizer)
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if self.parallel.is_main:
+            path = ckpt.save_checkpoint(self.args.output_dir, step, model, optimizer, self.scheduler, state, extra,
+                                        adapter)  # fmt: skip
+            ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
+        self.parallel.barrier()
         self._emit("on_save", path)
         return path
 
@@ -349,15 +385,19 @@ class Trainer:
         from safetensors.torch import save_file
 
         folder = output_dir or self.args.output_dir
-        os.makedirs(folder, exist_ok=True)
-        if _has_adapter(self.model):
-            self.model.save_pretrained(folder)
-        else:
-            save_file(
-                ckpt.trainable_state(self.model),
-                os.path.join(folder, ckpt.TRAINABLE),
-                metadata={"format": "pt"},
-            )
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(folder)
+        adapter = _has_adapter(self.model)
+        model = self.model if adapter else self.parallel.full_trainables(self.model)
+        if self.parallel.is_main:
+            os.makedirs(folder, exist_ok=True)
+            if adapter:
+                self.model.save_pretrained(folder)
+            else:
+                save_file(
+                    ckpt.trainable_state(model),
+                    os.path.join(folder, ckpt.TRAINABLE),
+                    metadata={"format": "pt"},
+                )
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(folder)
+        self.parallel.barrier()
         return folder

@@ -1,0 +1,42 @@
+"""One training process for tests/train/test_distributed.py: run it alone (one process) or under torchrun.
+
+    python tests/train/distributed_worker.py SPEC.json
+
+SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "examples": n, "data_seed": int,
+"resume": checkpoint folder or null}. Writes the trained result with Trainer.save_model into args.output_dir.
+"""
+
+import json
+import sys
+
+import torch
+
+import velotune
+from tests.train.helpers import random_examples
+from velotune.train import Trainer, TrainingArguments
+from velotune.train import distributed
+from velotune.train.data import TokenizedDataset
+
+
+def main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    distributed.init_from_env()
+    model, _ = velotune.FastLanguageModel.from_pretrained(
+        spec["model"], dtype=torch.float32, device_map="cpu", full_finetuning=not spec["lora"],
+        max_seq_length=64, progress=False,
+    )  # fmt: skip
+    if spec["lora"]:
+        model = velotune.FastLanguageModel.get_peft_model(
+            model, r=4, lora_alpha=8, use_gradient_checkpointing=False, random_state=11,
+            init_lora_weights=False,
+        )  # fmt: skip
+    data = TokenizedDataset.from_examples(random_examples(spec["examples"], seed=spec["data_seed"]))
+    trainer = Trainer(model, TrainingArguments(**spec["args"]), train_dataset=data)
+    trainer.train(resume_from_checkpoint=spec.get("resume"))
+    trainer.save_model()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,124 @@
+"""Several processes (gloo, CPU, spawned through torchrun): 2 ranks x batch 2 train exactly as 1 rank x batch 4,
+with DDP (LoRA) and FSDP2 (full fine-tuning), and a checkpoint written by 2 ranks resumes on 1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model_zoo import save_hf_model
+from tests.train import distributed_worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    save_hf_model("llama", str(path), seed=0)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spec(tmp_path, name, **spec) -> str:
+    path = os.path.join(tmp_path, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+def run_one_process(spec_path: str) -> None:
+    distributed_worker.main(spec_path)
+
+
+def run_two_processes(spec_path: str) -> None:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               os.path.join(ROOT, "tests", "train", "distributed_worker.py"), spec_path]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:  # the ranks' own errors, without the launcher's warnings
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if "Warning" not in line]
+        pytest.fail("torchrun failed:\n" + "\n".join(lines)[-12000:])
+
+
+def losses(output_dir) -> list[dict]:
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(a_dir, b_dir, weights_file, tol=1e-6):
+    log_a, log_b = losses(a_dir), losses(b_dir)
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        assert abs(ra["loss"] - rb["loss"]) <= tol * abs(ra["loss"]), (ra, rb)
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= tol * abs(ra["grad_norm"]), (ra, rb)
+        assert ra["tokens_seen"] == rb["tokens_seen"]
+    wa, wb = load_file(os.path.join(a_dir, weights_file)), load_file(os.path.join(b_dir, weights_file))
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        err = (wa[name] - wb[name]).abs().max() / wa[name].abs().max()
+        assert err <= tol, (name, float(err))
+
+
+def training_args(output_dir, **kw):
+    base = dict(output_dir=str(output_dir), learning_rate=1e-3, max_steps=3, progress=False, seed=5,
+                max_grad_norm=1e9, save_steps=0)  # fmt: skip
+    return {**base, **kw}
+
+
+def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch_four(folder, tmp_path):
+    # 11 packed examples, accumulation 2: the last micro-batch of the epoch leaves rank 1 without a row.
+    common = dict(model=folder, lora=True, examples=11, data_seed=1)
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(
+        one, batch_size=4, gradient_accumulation_steps=2, packing=True, max_seq_length=24)))  # fmt: skip
+    run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
+        two, batch_size=2, gradient_accumulation_steps=2, packing=True, max_seq_length=24, parallel="ddp")))  # fmt: skip
+    assert_same_run(one, two, "adapter_model.safetensors")
+    assert not os.path.exists(two / "checkpoint-1")
+
+
+def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_one(
+    folder, tmp_path
+):
+    # 10 unpacked examples: the third step's micro-batch holds 2 rows, so rank 1 runs a stand-in row.
+    common = dict(model=folder, lora=False, examples=10, data_seed=2)
+    kw = dict(packing=False, save_steps=2, save_total_limit=None, lr_scheduler="cosine", warmup_steps=1,
+              weight_decay=0.01, max_grad_norm=0.5)  # fmt: skip
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
+    run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
+        two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
+    assert_same_run(one, two, "trainable.safetensors")
+    # The checkpoint holds whole tensors and the one-process optimizer layout.
+    saved = load_file(os.path.join(two, "checkpoint-2", "trainable.safetensors"))
+    model_shapes = load_file(os.path.join(one, "checkpoint-2", "trainable.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in model_shapes.items()}
+    opt_two = torch.load(os.path.join(two, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    opt_one = torch.load(os.path.join(one, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    assert opt_two["state"].keys() == opt_one["state"].keys()
+
+    os.makedirs(resumed)
+    run_one_process(write_spec(tmp_path, "resumed", **common, resume=str(two / "checkpoint-2"),
+                               args=training_args(resumed, batch_size=4, **kw)))  # fmt: skip
+    log_resumed, log_two = losses(resumed), losses(two)
+    assert [r["step"] for r in log_resumed] == [3]
+    assert abs(log_resumed[0]["loss"] - log_two[2]["loss"]) <= 1e-6 * abs(log_two[2]["loss"])
+    wa = load_file(os.path.join(two, "trainable.safetensors"))
+    wb = load_file(os.path.join(resumed, "trainable.safetensors"))
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 1e-6 * wa[name].abs().max(), name
