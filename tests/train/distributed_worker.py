@@ -3,7 +3,7 @@
     python tests/train/distributed_worker.py SPEC.json
 
 SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "examples": n, "data_seed": int,
-"resume": checkpoint folder or null}. Writes the trained result with Trainer.save_model into args.output_dir.
+"eval_examples": n or absent, "resume": checkpoint folder or null}. Writes the trained result with Trainer.save_model into args.output_dir.
 """
 
 import json
@@ -32,7 +32,12 @@ def main(spec_path: str) -> None:
             init_lora_weights=False,
         )  # fmt: skip
     data = TokenizedDataset.from_examples(random_examples(spec["examples"], seed=spec["data_seed"]))
-    trainer = Trainer(model, TrainingArguments(**spec["args"]), train_dataset=data)
+    evaluation = None
+    if spec.get("eval_examples"):
+        evaluation = TokenizedDataset.from_examples(
+            random_examples(spec["eval_examples"], seed=spec["data_seed"] + 1)
+        )
+    trainer = Trainer(model, TrainingArguments(**spec["args"]), train_dataset=data, eval_dataset=evaluation)
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     trainer.save_model()
     distributed.shutdown()

@@ -62,6 +62,11 @@ def losses(output_dir) -> list[dict]:
 def assert_same_run(a_dir, b_dir, weights_file, tol=1e-6):
     log_a, log_b = losses(a_dir), losses(b_dir)
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    eval_a, eval_b = [r for r in log_a if "eval_loss" in r], [r for r in log_b if "eval_loss" in r]
+    assert len(eval_a) == len(eval_b) > 0
+    for ra, rb in zip(eval_a, eval_b):
+        assert abs(ra["eval_loss"] - rb["eval_loss"]) <= tol * abs(ra["eval_loss"]), (ra, rb)
+    log_a, log_b = [r for r in log_a if "loss" in r], [r for r in log_b if "loss" in r]
     for ra, rb in zip(log_a, log_b):
         assert abs(ra["loss"] - rb["loss"]) <= tol * abs(ra["loss"]), (ra, rb)
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= tol * abs(ra["grad_norm"]), (ra, rb)
@@ -81,13 +86,16 @@ def training_args(output_dir, **kw):
 
 def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch_four(folder, tmp_path):
     # 11 packed examples, accumulation 2: the last micro-batch of the epoch leaves rank 1 without a row.
-    common = dict(model=folder, lora=True, examples=11, data_seed=1)
+    # Gradient checkpointing on: its recompute hands the adapter weights to DDP's hooks in the backward.
+    common = dict(model=folder, lora=True, examples=11, data_seed=1, eval_examples=5)
     one = tmp_path / "one"
     two = tmp_path / "two"
     run_one_process(write_spec(tmp_path, "one", **common, args=training_args(
-        one, batch_size=4, gradient_accumulation_steps=2, packing=True, max_seq_length=24)))  # fmt: skip
+        one, batch_size=4, gradient_accumulation_steps=2, packing=True, max_seq_length=24,
+        gradient_checkpointing=True)))  # fmt: skip
     run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
-        two, batch_size=2, gradient_accumulation_steps=2, packing=True, max_seq_length=24, parallel="ddp")))  # fmt: skip
+        two, batch_size=2, gradient_accumulation_steps=2, packing=True, max_seq_length=24, parallel="ddp",
+        gradient_checkpointing=True)))  # fmt: skip
     assert_same_run(one, two, "adapter_model.safetensors")
     assert not os.path.exists(two / "checkpoint-1")
 
@@ -96,7 +104,7 @@ def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_
     folder, tmp_path
 ):
     # 10 unpacked examples: the third step's micro-batch holds 2 rows, so rank 1 runs a stand-in row.
-    common = dict(model=folder, lora=False, examples=10, data_seed=2)
+    common = dict(model=folder, lora=False, examples=10, data_seed=2, eval_examples=3)
     kw = dict(packing=False, save_steps=2, save_total_limit=None, lr_scheduler="cosine", warmup_steps=1,
               weight_decay=0.01, max_grad_norm=0.5)  # fmt: skip
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
@@ -116,6 +124,7 @@ def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_
     run_one_process(write_spec(tmp_path, "resumed", **common, resume=str(two / "checkpoint-2"),
                                args=training_args(resumed, batch_size=4, **kw)))  # fmt: skip
     log_resumed, log_two = losses(resumed), losses(two)
+    log_resumed, log_two = [r for r in log_resumed if "loss" in r], [r for r in log_two if "loss" in r]
     assert [r["step"] for r in log_resumed] == [3]
     assert abs(log_resumed[0]["loss"] - log_two[2]["loss"]) <= 1e-6 * abs(log_two[2]["loss"])
     wa = load_file(os.path.join(two, "trainable.safetensors"))
