@@ -37,11 +37,13 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from velotune.train.config import load_config, run
+    from velotune.train.distributed import ranks_from_env
 
     config = load_config(args.config, args.overrides)
     with logging_redirect_tqdm():
         folder = run(config)
-    sys.stdout.write(f"saved the trained result to {folder}\n")
+    if ranks_from_env().is_main:
+        sys.stdout.write(f"saved the trained result to {folder}\n")
     return 0
 
 

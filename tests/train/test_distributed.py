@@ -131,3 +131,49 @@ def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_
     wb = load_file(os.path.join(resumed, "trainable.safetensors"))
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() <= 1e-6 * wa[name].abs().max(), name
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory):
+    """A tiny Llama with a real tokenizer in a Hugging Face folder, for the `velotune train` command."""
+    import transformers
+
+    from tests.train.helpers import build_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tok = build_tokenizer()
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_torchrun_launches_velotune_train_on_two_ranks_with_the_same_yaml(
+    model_with_tokenizer, tmp_path, capsys
+):
+    from velotune.cli import main
+
+    example = os.path.join(ROOT, "examples", "velotongue_lora.yaml")
+
+    def command(out, batch_size):
+        return ["train", example, f"--model.name={model_with_tokenizer}", f"--training.output_dir={out}",
+                "--training.max_steps=3", "--training.save_steps=0", "--training.eval_steps=0",
+                "--training.progress=false", "--lora.r=4", f"--training.batch_size={batch_size}"]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(command(one, 4)) == 0
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launch = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+              "-m", "velotune", *command(two, 2)]  # fmt: skip
+    done = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "Warning" not in line]
+    assert done.returncode == 0, "\n".join(lines)[-12000:]
+    assert done.stdout.count("saved the trained result") == 1  # rank 0 only
+    # DDP (auto, with LoRA): the same run as one process. lora_B starts at zero, so after 3 steps it is Adam's
+    # sign-like first updates, where the all-reduce's different summation order shows at a few 1e-6.
+    assert_same_run(one, two, "adapter_model.safetensors", tol=1e-5)

@@ -214,15 +214,19 @@ def run(config: Config) -> str:
     """Loads the model, prepares the data, trains, and saves; returns the folder of the result.
 
     The data is read and checked before the model's weights load, so a data problem costs seconds.
+    Under torchrun / accelerate launch every process runs this; see velotune.train.distributed.
     """
     import torch
 
     import velotune
     from velotune.io.tokenizer import load_tokenizer
+    from velotune.train import distributed
     from velotune.train.data import prepare_dataset
     from velotune.train.trainer import Trainer
 
     m, d = config.model, config.data
+    # Joins the launcher's process group and selects this rank's GPU before any weight loads.
+    distributed.init_from_env()
     tokenizer = load_tokenizer(m.name)
     if tokenizer is None:
         raise ConfigError(
@@ -252,4 +256,6 @@ def run(config: Config) -> str:
         model, config.training, train_dataset=train, eval_dataset=evaluation, tokenizer=tokenizer
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    return trainer.save_model()
+    folder = trainer.save_model()
+    distributed.shutdown()
+    return folder
