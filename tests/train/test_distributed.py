@@ -100,14 +100,27 @@ def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch
     assert not os.path.exists(two / "checkpoint-1")
 
 
-def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_one(
+def assert_resumed_final_step(resumed_dir, reference_dir):
+    """A run resumed at checkpoint-2 logs step 3 only, with the reference's loss, and ends at its weights."""
+    log_resumed = [r for r in losses(resumed_dir) if "loss" in r]
+    log_reference = [r for r in losses(reference_dir) if "loss" in r]
+    assert [r["step"] for r in log_resumed] == [3]
+    assert abs(log_resumed[0]["loss"] - log_reference[2]["loss"]) <= 1e-6 * abs(log_reference[2]["loss"])
+    wa = load_file(os.path.join(reference_dir, "trainable.safetensors"))
+    wb = load_file(os.path.join(resumed_dir, "trainable.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 1e-6 * wa[name].abs().max(), name
+
+
+def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_checkpoints_move_between_world_sizes(
     folder, tmp_path
 ):
     # 10 unpacked examples: the third step's micro-batch holds 2 rows, so rank 1 runs a stand-in row.
     common = dict(model=folder, lora=False, examples=10, data_seed=2, eval_examples=3)
     kw = dict(packing=False, save_steps=2, save_total_limit=None, lr_scheduler="cosine", warmup_steps=1,
               weight_decay=0.01, max_grad_norm=0.5)  # fmt: skip
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    one, two = tmp_path / "one", tmp_path / "two"
     run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
     run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
         two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
@@ -119,18 +132,21 @@ def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_its_checkpoint_
     opt_two = torch.load(os.path.join(two, "checkpoint-2", "optimizer.pt"), weights_only=True)
     opt_one = torch.load(os.path.join(one, "checkpoint-2", "optimizer.pt"), weights_only=True)
     assert opt_two["state"].keys() == opt_one["state"].keys()
+    for index, values in opt_one["state"].items():
+        for key, value in values.items():
+            other = opt_two["state"][index][key]
+            assert other.shape == value.shape and (other - value).abs().max() <= 1e-5 * value.abs().max(), key
 
-    os.makedirs(resumed)
-    run_one_process(write_spec(tmp_path, "resumed", **common, resume=str(two / "checkpoint-2"),
-                               args=training_args(resumed, batch_size=4, **kw)))  # fmt: skip
-    log_resumed, log_two = losses(resumed), losses(two)
-    log_resumed, log_two = [r for r in log_resumed if "loss" in r], [r for r in log_two if "loss" in r]
-    assert [r["step"] for r in log_resumed] == [3]
-    assert abs(log_resumed[0]["loss"] - log_two[2]["loss"]) <= 1e-6 * abs(log_two[2]["loss"])
-    wa = load_file(os.path.join(two, "trainable.safetensors"))
-    wb = load_file(os.path.join(resumed, "trainable.safetensors"))
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() <= 1e-6 * wa[name].abs().max(), name
+    # Written by 2 ranks, resumed by 1.
+    on_one = tmp_path / "on_one"
+    run_one_process(write_spec(tmp_path, "on_one", **common, resume=str(two / "checkpoint-2"),
+                               args=training_args(on_one, batch_size=4, **kw)))  # fmt: skip
+    assert_resumed_final_step(on_one, two)
+    # Written by 1 process, resumed by 2 ranks: whole tensors and optimizer state resharded on load.
+    on_two = tmp_path / "on_two"
+    run_two_processes(write_spec(tmp_path, "on_two", **common, resume=str(one / "checkpoint-2"),
+                                 args=training_args(on_two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
+    assert_resumed_final_step(on_two, one)
 
 
 @pytest.fixture(scope="module")
