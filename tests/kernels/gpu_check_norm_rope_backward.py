@@ -189,6 +189,34 @@ def main() -> int:
                 }
             )
 
+    # q-norm shape (Qwen3 / Gemma 3): rows of head_dim, one per token and head.
+    xh, dyh = rnd(n * hq, d).bfloat16(), rnd(n * hq, d).bfloat16()
+    wh = (1 + rnd(d, scale=0.1)).bfloat16()
+    _, rstd_h = rms_norm_forward(xh, wh, 1e-6)
+    head_cases = [
+        ("rms_norm bwd frozen (q norm, 128)", lambda: rms_norm_backward(dyh, xh, wh, rstd_h, 0.0, False))
+    ]
+    for per_sm in (1, 2, 4, 8):
+
+        def bwd_dw_head(per_sm=per_sm):
+            saved = rmsnorm.DW_PROGRAMS_PER_SM
+            rmsnorm.DW_PROGRAMS_PER_SM = per_sm
+            try:
+                return rms_norm_backward(dyh, xh, wh, rstd_h, 0.0, True)
+            finally:
+                rmsnorm.DW_PROGRAMS_PER_SM = saved
+
+        head_cases.append((f"rms_norm bwd dW {per_sm}x (q norm, 128)", bwd_dw_head))
+    for label, fn in head_cases:
+        rows.append(
+            {
+                "op": label,
+                "kernel_ms": _kernel_ms(fn, iters, dev, "_rms_norm"),
+                "loop_ms": _loop_ms(fn, iters, dev),
+                "floor_bytes": 3 * n * hq * d * 2,
+            }
+        )
+
     q, k, _ = qkv32.bfloat16().split([hq, hk, hk], 2)
     cos, sin = cos32.bfloat16(), sin32.bfloat16()
     dq, dk = torch.randn_like(q.contiguous()), torch.randn_like(k.contiguous())

@@ -55,8 +55,8 @@ def _rms_norm_fwd_kernel(
 # Backward with a frozen weight: one row per program, like the forward (no reduction across rows).
 #   n = x * rstd,  g = dy * (offset + w),  dx = rstd * (g - n * mean(g * n))
 # Kept apart from the dW kernel below: without the row loop and the dW accumulator it compiles to
-# about as many registers as the forward (64 vs 87 at hidden 4096, 8 warps, sm_90), so twice as many
-# programs (rows in flight) fit on an SM.
+# about as many registers as the forward (hidden 4096, 8 warps, sm_90, Triton 3.6: 64, where the
+# shared loop kernel took 93), so 4 programs (rows in flight) fit on an SM instead of 2.
 # Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H).
 @triton.jit
 def _rms_norm_bwd_dx_kernel(
@@ -87,7 +87,10 @@ def _rms_norm_bwd_dx_kernel(
 
 # Backward with dW: a contiguous chunk of rows per program, so that dW is accumulated in registers
 # over the chunk and written once per program (no second pass over x, no atomics):
-#   dx as above,  dW_partial[pid] = sum_rows dy * n
+#   dx = rstd*g - x * rstd^3 * mean(g * x)  (the same dx; only x and dy stay live across the
+#                                             reduction: 112 registers instead of 146, Triton 3.6,
+#                                             hidden 4096, 8 warps, so 2 programs fit per SM, not 1)
+#   dW_partial[pid] = sum_rows dy * n
 # The launcher gives it several programs per SM (see DW_PROGRAMS_PER_SM); one program per SM
 # walking ~60 rows one after another left HBM idle during every row's reduction.
 # Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H) and n_programs*H float32.
@@ -121,15 +124,13 @@ def _rms_norm_bwd_kernel(
         x = tl.load(x_ptr + row64 * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row64 * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row64)
-        normed = x * rstd
-        g = dy * w
-        dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / hidden))
+        c = tl.sum(x * dy * w, axis=0) * (rstd * rstd * rstd / hidden)
+        dx = dy * w * rstd - x * c
         tl.store(dx_ptr + row64 * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if GEMMA_FORM:
-            dw_acc += dy * normed
+            dw_acc += dy * (x * rstd)
         else:
-            # The weight multiplied the normalised row after rounding to x's dtype.
-            dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw_acc += dy * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(dw_partial_ptr + pid.to(tl.int64) * hidden + cols, dw_acc, mask=mask)
 
 
@@ -146,23 +147,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Programs per SM for the backward with dW. At hidden 4096 the dW kernel takes 116 registers a
-# thread (8 warps, sm_90), so two programs are resident per SM; one per SM (the old launch) kept a
-# single row in flight per SM (H100, 8K tokens: 0.22 ms against a 0.07 ms floor). A multiple of the
-# residency keeps the waves even; the partial-dW buffer it costs (4 * 132 * 4096 * 4 bytes = 8.6 MB
-# at Llama-8B sizes, summed once) is small next to the 200 MB the kernel moves.
+# Programs per SM for the backward with dW, at hidden >= 2048. At hidden 4096 two programs of the dW
+# kernel are resident per SM; one per SM (the old launch, with a kernel that also fit only one) kept
+# a single row in flight per SM (H100, 8K tokens: 0.22 ms against a 0.07 ms floor). A multiple of
+# the residency keeps the waves even; the partial-dW buffer it costs (4 * 132 * 4096 * 4
+# bytes = 8.6 MB at Llama-8B sizes, summed once) is small next to the 200 MB the kernel moves.
 DW_PROGRAMS_PER_SM = 4
 
 
 def _dw_programs(x: torch.Tensor, n_rows: int) -> int:
-    # On CPU (interpreter) a few programs still exercise the multi-row loop and the partial sum.
-    n = (
-        DW_PROGRAMS_PER_SM
-        * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        if x.is_cuda
-        else 4
-    )
-    return max(1, min(n, n_rows))
+    if not x.is_cuda:
+        return max(1, min(4, n_rows))  # the interpreter: a few programs still exercise the chunk loop
+    # Short rows (q/k norms over head_dim) give each program little to load per row and few warps,
+    # so more programs per SM are needed to fill it; their partial rows are short too.
+    block = triton.next_power_of_2(x.shape[-1])
+    per_sm = min(32, DW_PROGRAMS_PER_SM * max(1, 2048 // block))
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return max(1, min(per_sm * sms, n_rows))
 
 
 def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
