@@ -5,7 +5,7 @@ sizes (8192 tokens, hidden 4096, 32 q / 8 kv heads of 128, bf16).
 gpu_check_memory_bound_ops.py times fwd+bwd through autograd for 20 iterations; at these sizes a
 kernel takes ~0.1 ms, so host overhead (autograd engine, its device thread, Python, Triton's launcher)
 can be what it measures. Here each row reports, for the same call:
-  * kernel_ms: GPU time of the op's kernels from torch.profiler (what the kernel costs),
+  * kernel_ms: GPU time of every kernel the call launches, from torch.profiler (what the GPU costs),
   * loop_ms:   CUDA-event time of `iters` back-to-back calls of the launch function (kernel + gaps),
   * GB/s:      floor bytes / kernel_ms.
 rms_norm's dW launch is swept over DW_PROGRAMS_PER_SM so the best value can be read off.
@@ -52,8 +52,8 @@ def _loop_ms(fn, iters: int, dev: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def _kernel_ms(fn, iters: int, dev: torch.device, name_part: str) -> float | None:
-    """Mean GPU time per call of the kernels whose name contains `name_part`."""
+def _kernel_ms(fn, iters: int, dev: torch.device) -> float | None:
+    """Mean GPU time per call of every kernel the call launches (torch.profiler device events)."""
     if dev.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -64,10 +64,9 @@ def _kernel_ms(fn, iters: int, dev: torch.device, name_part: str) -> float | Non
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    total_us = 0.0
-    for evt in prof.key_averages():
-        if name_part in evt.key:
-            total_us += getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+    total_us = sum(
+        e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    )
     return total_us / 1e3 / iters
 
 
@@ -183,7 +182,7 @@ def main() -> int:
             rows.append(
                 {
                     "op": label,
-                    "kernel_ms": _kernel_ms(fn, iters, dev, "_rms_norm"),
+                    "kernel_ms": _kernel_ms(fn, iters, dev),
                     "loop_ms": _loop_ms(fn, iters, dev),
                     "floor_bytes": floor,
                 }
@@ -211,7 +210,7 @@ def main() -> int:
         rows.append(
             {
                 "op": label,
-                "kernel_ms": _kernel_ms(fn, iters, dev, "_rms_norm"),
+                "kernel_ms": _kernel_ms(fn, iters, dev),
                 "loop_ms": _loop_ms(fn, iters, dev),
                 "floor_bytes": 3 * n * hq * d * 2,
             }
@@ -228,7 +227,7 @@ def main() -> int:
         rows.append(
             {
                 "op": label,
-                "kernel_ms": _kernel_ms(fn, iters, dev, "_rope"),
+                "kernel_ms": _kernel_ms(fn, iters, dev),
                 "loop_ms": _loop_ms(fn, iters, dev),
                 "floor_bytes": rope_bytes,
             }
@@ -244,7 +243,6 @@ def main() -> int:
                 lambda: torch.autograd.grad(RotaryFunction.apply(qr, kr, cos, sin), [qr, kr], dys),
                 iters,
                 dev,
-                "_rope",
             ),
             "loop_ms": _loop_ms(
                 lambda: torch.autograd.grad(RotaryFunction.apply(qr, kr, cos, sin), [qr, kr], dys), iters, dev
@@ -260,7 +258,6 @@ def main() -> int:
                 lambda: torch.autograd.grad(rmsnorm.RMSNormFunction.apply(xr, w, 1e-5, 0.0), [xr], dy),
                 iters,
                 dev,
-                "_rms_norm",
             ),
             "loop_ms": _loop_ms(
                 lambda: torch.autograd.grad(rmsnorm.RMSNormFunction.apply(xr, w, 1e-5, 0.0), [xr], dy),
