@@ -90,7 +90,8 @@ def _rms_norm_bwd_dx_kernel(
 #   dx = rstd*g - x * rstd^3 * mean(g * x)  (the same dx; only x and dy stay live across the
 #                                             reduction: 112 registers instead of 146, Triton 3.6,
 #                                             hidden 4096, 8 warps, so 2 programs fit per SM, not 1)
-#   dW_partial[pid] = sum_rows dy * n
+#   dW_partial[pid] = sum_rows dy * n       (n rounded to x's dtype in the Llama form: the forward
+#                                             multiplied the weight by the rounded row)
 # The launcher gives it several programs per SM (see DW_PROGRAMS_PER_SM); one program per SM
 # walking ~60 rows one after another left HBM idle during every row's reduction.
 # Floor: read x and dy (2*N*H), w (H), rstd (N); write dx (N*H) and n_programs*H float32.
