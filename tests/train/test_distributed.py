@@ -167,29 +167,46 @@ def model_with_tokenizer(tmp_path_factory):
     return path
 
 
-def test_torchrun_launches_velotune_train_on_two_ranks_with_the_same_yaml(
-    model_with_tokenizer, tmp_path, capsys
-):
-    from velotune.cli import main
+EXAMPLE = os.path.join(ROOT, "examples", "velotongue_lora.yaml")
 
-    example = os.path.join(ROOT, "examples", "velotongue_lora.yaml")
 
-    def command(out, batch_size):
-        return ["train", example, f"--model.name={model_with_tokenizer}", f"--training.output_dir={out}",
-                "--training.max_steps=3", "--training.save_steps=0", "--training.eval_steps=0",
-                "--training.progress=false", "--lora.r=4", f"--training.batch_size={batch_size}"]  # fmt: skip
+def train_command(model_dir, out, batch_size, *more) -> list[str]:
+    return ["train", EXAMPLE, f"--model.name={model_dir}", f"--training.output_dir={out}", "--training.max_steps=3",
+            "--training.save_steps=0", "--training.eval_steps=0", "--training.progress=false",
+            f"--training.batch_size={batch_size}", *more]  # fmt: skip
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(command(one, 4)) == 0
+
+def launch(launcher: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    launch = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-              "-m", "velotune", *command(two, 2)]  # fmt: skip
-    done = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(launcher, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "Warning" not in line]
     assert done.returncode == 0, "\n".join(lines)[-12000:]
     assert done.stdout.count("saved the trained result") == 1  # rank 0 only
+
+
+def test_torchrun_launches_velotune_train_on_two_ranks_with_the_same_yaml(model_with_tokenizer, tmp_path):
+    from velotune.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_command(model_with_tokenizer, one, 4, "--lora.r=4")) == 0
+    launch([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "velotune", *train_command(model_with_tokenizer, two, 2, "--lora.r=4")])  # fmt: skip
     # DDP (auto, with LoRA): the same run as one process. lora_B starts at zero, so after 3 steps it is Adam's
     # sign-like first updates, where the all-reduce's different summation order shows at a few 1e-6.
     assert_same_run(one, two, "adapter_model.safetensors", tol=1e-5)
+
+
+def test_accelerate_launch_runs_full_finetuning_with_fsdp2_from_the_same_yaml(model_with_tokenizer, tmp_path):
+    from velotune.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    full = "--model.full_finetuning=true"
+    assert main(train_command(model_with_tokenizer, one, 4, full)) == 0
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # --multi_gpu is accelerate's name for "several processes through torchrun"; on CPU they use gloo.
+    launch([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "velotune", *train_command(model_with_tokenizer, two, 2, full)])  # fmt: skip
+    assert_same_run(one, two, "trainable.safetensors")  # auto picks FSDP2 for full fine-tuning
