@@ -43,10 +43,11 @@ DEQUANT_WARPS = 4
 def _inverse_scale(absmax):
     # 1 / max(absmax, 1e-38) as bitsandbytes computes it, except that an all-zero block gets 0
     # instead of 1e38: its elements scale to 0 either way, and 0 survives a flush-to-zero of the
-    # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. div_rn: IEEE division (plain `/`
-    # compiles to an approximate divide on NVIDIA GPUs).
-    one = tl.full(absmax.shape, 1.0, tl.float32)
-    return tl.where(absmax > 0, tl.div_rn(one, tl.maximum(absmax, 1e-38)), 0.0)
+    # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. fdiv(ieee_rounding=True): IEEE
+    # division (plain `/` compiles to an approximate divide on NVIDIA GPUs); it exists on every
+    # Triton we support, where tl.div_rn failed to compile on Triton 3.6.
+    one = tl.zeros_like(absmax) + 1.0
+    return tl.where(absmax > 0, tl.fdiv(one, tl.maximum(absmax, 1e-38), ieee_rounding=True), 0.0)
 
 
 # 4-bit quantization, ROWS blocks of BLOCKSIZE elements per program.
