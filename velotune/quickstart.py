@@ -62,6 +62,7 @@ def build_tokenizer(folder: str, extra_text: list[str] = (), extra_special: list
         vocab_size=384,
         special_tokens=["<pad>", "<s>", "</s>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines() + list(extra_text), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -145,8 +146,8 @@ def run(
     trainable = model.num_parameters(trainable_only=True)
     train = prepare_dataset(os.path.join(DATA_DIR, "train.jsonl"), tokenizer, max_seq_length=256)
     say(f"3. Velotongue is made up and goes word for word: size, colour, animal ('big red cat' -> 'zor ka tib'). "
-        f"Training LoRA adapters ({trainable / 1e6:.2f}M parameters; the {model.num_parameters() / 1e6:.1f}M base "
-        f"stays frozen) on {len(train)} example translations for {max_steps} steps, loss on the answers only:")  # fmt: skip
+        f"Training LoRA adapters ({trainable / 1e6:.2f}M parameters; the base stays frozen) on {len(train)} "
+        f"example translations for {max_steps} steps, loss on the answers only:")  # fmt: skip
     args = TrainingArguments(
         output_dir=os.path.join(output_dir, "run"),
         max_steps=max_steps,
@@ -162,7 +163,9 @@ def run(
     velotune.FastLanguageModel.for_training(model)
     state = Trainer(model, args, train_dataset=train, tokenizer=tokenizer).train()
     losses = [r["loss"] for r in state["log_history"] if "loss" in r]
-    say(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    say(
+        f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} (every 10 steps in {os.path.join(args.output_dir, 'log.jsonl')})"
+    )
 
     velotune.FastLanguageModel.for_inference(model)
     answers = translate(model, tokenizer, heldout)
