@@ -84,10 +84,15 @@ def training_args(output_dir, **kw):
     return {**base, **kw}
 
 
-def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch_four(folder, tmp_path):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
+def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch_four(
+    folder, tmp_path, load_in_4bit
+):
     # 11 packed examples, accumulation 2: the last micro-batch of the epoch leaves rank 1 without a row.
     # Gradient checkpointing on: its recompute hands the adapter weights to DDP's hooks in the backward.
-    common = dict(model=folder, lora=True, examples=11, data_seed=1, eval_examples=5)
+    common = dict(
+        model=folder, lora=True, load_in_4bit=load_in_4bit, examples=11, data_seed=1, eval_examples=5
+    )
     one = tmp_path / "one"
     two = tmp_path / "two"
     run_one_process(write_spec(tmp_path, "one", **common, args=training_args(
