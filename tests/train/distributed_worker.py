@@ -2,8 +2,9 @@
 
     python tests/train/distributed_worker.py SPEC.json
 
-SPEC: {"model": folder, "lora": bool, "load_in_4bit": bool or absent, "args": TrainingArguments fields, "examples": n, "data_seed": int,
-"eval_examples": n or absent, "resume": checkpoint folder or null}. Writes the trained result with Trainer.save_model into args.output_dir.
+SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "examples": n, "data_seed": int} and
+optionally "load_in_4bit", "device_map" ("cpu"), "dtype" ("float32"), "eval_examples", "resume" (a checkpoint).
+Writes the trained result with Trainer.save_model into args.output_dir.
 """
 
 import json
@@ -23,7 +24,8 @@ def main(spec_path: str) -> None:
         spec = json.load(f)
     distributed.init_from_env()
     model, _ = velotune.FastLanguageModel.from_pretrained(
-        spec["model"], dtype=torch.float32, device_map="cpu", full_finetuning=not spec["lora"],
+        spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")),
+        device_map=spec.get("device_map", "cpu"), full_finetuning=not spec["lora"],
         max_seq_length=64, progress=False, load_in_4bit=spec.get("load_in_4bit", False),
     )  # fmt: skip
     if spec["lora"]:
