@@ -121,10 +121,11 @@ def assert_resumed_final_step(resumed_dir, reference_dir):
 def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_checkpoints_move_between_world_sizes(
     folder, tmp_path
 ):
-    # 10 unpacked examples: the third step's micro-batch holds 2 rows, so rank 1 runs a stand-in row.
+    # 10 unpacked examples, accumulation 2: micro-batches of 4, 4, 2 rows per epoch, so step 2 is one micro-batch
+    # where rank 1 runs a stand-in row, and step 3 (the resumed one) starts the second epoch.
     common = dict(model=folder, lora=False, examples=10, data_seed=2, eval_examples=3)
     kw = dict(packing=False, save_steps=2, save_total_limit=None, lr_scheduler="cosine", warmup_steps=1,
-              weight_decay=0.01, max_grad_norm=0.5)  # fmt: skip
+              weight_decay=0.01, max_grad_norm=0.5, gradient_accumulation_steps=2)  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
     run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
