@@ -46,8 +46,11 @@ def _inverse_scale(absmax):
     # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. fdiv(ieee_rounding=True): IEEE
     # division (plain `/` compiles to an approximate divide on NVIDIA GPUs); it exists on every
     # Triton we support, where tl.div_rn failed to compile on Triton 3.6.
+    # Triton types a float literal below float32's smallest normal (1.18e-38) as float64, so the
+    # floor is cast back explicitly: without it the division mixes f32 and f64 and fails to compile.
     one = tl.zeros_like(absmax) + 1.0
-    return tl.where(absmax > 0, tl.fdiv(one, tl.maximum(absmax, 1e-38), ieee_rounding=True), 0.0)
+    floor = tl.maximum(absmax, 1e-38).to(tl.float32)
+    return tl.where(absmax > 0, tl.fdiv(one, floor, ieee_rounding=True), 0.0)
 
 
 # 4-bit quantization, ROWS blocks of BLOCKSIZE elements per program.
