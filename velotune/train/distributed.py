@@ -97,6 +97,8 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # No rank tears its connections down while another still talks to it (gloo aborts on that).
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -236,14 +238,6 @@ class Parallel:
             fully_shard(layer)
         fully_shard(model)
         return model
-
-    def check_model_settings(self, model: nn.Module) -> None:
-        """Re-checks settings the trainer may change after wrapping (gradient checkpointing)."""
-        if self.strategy == "fsdp" and getattr(model, "gradient_checkpointing", False):
-            raise ConfigError(
-                "parallel='fsdp' does not work with gradient checkpointing yet; set "
-                "training.gradient_checkpointing: false, or use ddp."
-            )
 
     # ------------------------------------------------------------------------------------ data
 
