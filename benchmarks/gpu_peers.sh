@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_peers.sh llama-3.2-1b        # only the shapes named
 # Env: OUT (where the device tool collects returned files: the JSONL, BENCHMARKS.md, worker-logs.tgz), RUN_DIR (default benchmarks/results/gpu-run), BUDGET_S (default 540: no system
 # starts after it and a running one is stopped there), BATCH/SEQ (default 2 x 2048),
-# BENCH_GIT_COMMIT (recorded as the commit when the tree carries no .git).
+# METHODS (default "lora qlora"), BENCH_GIT_COMMIT (recorded as the commit when the tree carries no .git).
 # Writes $RUN_DIR/results/train_step-<date>.jsonl (also appended to benchmarks/results/), worker logs in
 # $RUN_DIR/logs, and $RUN_DIR/BENCHMARKS.md (+ charts when matplotlib is installed). Bring the JSONL back into
 # benchmarks/results/ and run `python -m benchmarks.report` to regenerate BENCHMARKS.md and the charts.
@@ -43,7 +43,7 @@ SYSTEMS=velotune,unsloth,liger,hf_peft,hf_peft_bnb
 for model in "${MODELS[@]}"; do
   # Loading dominates at 8B; fewer timed steps keep the whole run inside the GPU budget.
   if [ "$model" = "llama-3.2-1b" ]; then WARMUP=3 STEPS=10; else WARMUP=2 STEPS=5; fi
-  for method in lora qlora; do
+  for method in ${METHODS:-lora qlora}; do
     $PY -m benchmarks.train_step --model "$model" --method "$method" --batch "$BATCH" --seq "$SEQ" \
       --systems "$SYSTEMS" --warmup "$WARMUP" --steps "$STEPS" --deadline "$DEADLINE" --min-system-s 45 \
       --out "$JSONL" --also-out "benchmarks/results/train_step-$STAMP.jsonl" --log-dir "$RUN_DIR/logs" \
