@@ -23,6 +23,11 @@ def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     distributed.init_from_env()
+    train(spec)  # returns having dropped the model and trainer, which hold the process group
+    distributed.shutdown()
+
+
+def train(spec: dict) -> None:
     model, _ = velotune.FastLanguageModel.from_pretrained(
         spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")),
         device_map=spec.get("device_map", "cpu"), full_finetuning=not spec["lora"],
@@ -42,7 +47,6 @@ def main(spec_path: str) -> None:
     trainer = Trainer(model, TrainingArguments(**spec["args"]), train_dataset=data, eval_dataset=evaluation)
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     trainer.save_model()
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

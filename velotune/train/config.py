@@ -257,5 +257,6 @@ def run(config: Config) -> str:
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     folder = trainer.save_model()
+    del trainer, model  # they hold the process group (see distributed.shutdown)
     distributed.shutdown()
     return folder

@@ -94,12 +94,18 @@ def init_from_env() -> Ranks:
 
 
 def shutdown() -> None:
+    """Leaves the process group. Drop the trainer and the model first: DDP and FSDP2 hold the group, and
+    a group still alive when the interpreter exits takes its worker threads down with an abort (gloo)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        # No rank tears its connections down while another still talks to it (gloo aborts on that).
+        gc.collect()
+        # No rank tears its connections down while another still talks to it.
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _full(t):
