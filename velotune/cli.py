@@ -1,4 +1,4 @@
-"""The `velotune` command: quickstart, train, env."""
+"""The `velotune` command: quickstart, train, plan, export, env."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import velotune
+
+    model, tokenizer = velotune.FastLanguageModel.from_pretrained(args.model, max_seq_length=None, dtype=args.dtype)
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    if args.to == "gguf":
+        model.save_pretrained_gguf(args.out, tokenizer, quantization_method=args.quant)
+    else:
+        model.save_pretrained_merged(args.out, tokenizer, save_method={"merged": "merged_16bit"}.get(args.to, args.to))
+    sys.stdout.write(f"wrote {args.to} export to {args.out}\n")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -75,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     t.add_argument("config", help="path of the YAML config")
     t.set_defaults(func=_train)
+    from velotune.memory.planner import add_plan_command
+
+    add_plan_command(sub)
+    x = sub.add_parser("export", help="write a model (+ adapter) as a merged HF folder, a PEFT adapter or GGUF")
+    x.add_argument("model", help="model folder (or an adapter folder whose config names its base)")
+    x.add_argument("--to", choices=("merged", "lora", "gguf"), default="merged")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--adapter", default=None, help="PEFT adapter folder to apply first")
+    x.add_argument("--quant", default="f16", help="GGUF type: f32, f16, bf16, q8_0, q4_k_m, ...")
+    x.add_argument("--dtype", default=None, help="load dtype (default: bf16 on GPU, float32 on CPU)")
+    x.set_defaults(func=_export)
     e = sub.add_parser("env", help="versions and device")
     e.set_defaults(func=_env)
     args, extra = parser.parse_known_args(argv)
