@@ -73,7 +73,28 @@ def init_factors(
     return a, b
 
 
-class LoraProjection(Projection):
+class MergeToggle:
+    """merge() folds s B A into the base weights (computed in float32, rounded once); unmerge() takes
+    it back out. Subclasses say how in `_add_deltas(sign)`."""
+
+    merged: bool
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        self._add_deltas(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self._add_deltas(-1.0)
+        self.merged = False
+
+
+class LoraProjection(MergeToggle, Projection):
     """A `Projection` whose named blocks may each carry a LoRA pair (see the module docstring)."""
 
     def __init__(self, base: Projection):
@@ -142,21 +163,6 @@ class LoraProjection(Projection):
     def _delta(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].float() @ self.lora_a(name).float()) * self.scale[name]
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W_i += s_i B_i A_i for every block with LoRA (computed in float32, rounded once)."""
-        if self.merged:
-            return
-        self._add_deltas(+1.0)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self._add_deltas(-1.0)
-        self.merged = False
-
     def _add_deltas(self, sign: float) -> None:
         start = 0
         for name, size in zip(self.names, self.out_sizes):
@@ -179,7 +185,7 @@ class LoraProjection(Projection):
         return f"{super().extra_repr()}, lora=({ranks})"
 
 
-class LoraSparseMoE(SparseMoE):
+class LoraSparseMoE(MergeToggle, SparseMoE):
     """A `SparseMoE` with LoRA per expert on gate/up (one pair over the fused tensor, as PEFT adapts
     Transformers 5's fused expert tensor) and down, and LoRA on the router.
 
@@ -231,31 +237,12 @@ class LoraSparseMoE(SparseMoE):
             a, b = a[expert], b[expert]
         return lora_projection(x, weight, None, a, [b], (weight.shape[0],), (self.scale[unit],))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # SparseMoE.route with the router's projection swapped for its LoRA form.
-        probs = torch.softmax(self._project("router", x, self.router, None).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.moe.top_k, dim=-1)
-        if self.moe.normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project("router", x, self.router, None)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         h = gated_activation(self._project("gate_up", x, self.gate_up[expert], expert), self.activation)
         return self._project("down", h, self.down[expert], expert)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self._add_deltas(+1.0)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self._add_deltas(-1.0)
-        self.merged = False
 
     def _add_deltas(self, sign: float) -> None:
         for unit in self.rank:

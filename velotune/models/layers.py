@@ -144,8 +144,11 @@ class SparseMoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down = nn.Parameter(torch.empty(n, hidden, inter))
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.router)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
+        probs = torch.softmax(self.router_logits(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.moe.top_k, dim=-1)
         if self.moe.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
