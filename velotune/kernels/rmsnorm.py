@@ -151,9 +151,11 @@ def _sm_count(device_index: int) -> int:
 # Programs per SM for the backward with dW, at hidden >= 2048. At hidden 4096 two programs of the dW
 # kernel are resident per SM; one per SM (the old launch, with a kernel that also fit only one) kept
 # a single row in flight per SM (H100, 8K tokens: 0.22 ms against a 0.07 ms floor). A multiple of
-# the residency keeps the waves even; the partial-dW buffer it costs (4 * 132 * 4096 * 4
-# bytes = 8.6 MB at Llama-8B sizes, summed once) is small next to the 200 MB the kernel moves.
-DW_PROGRAMS_PER_SM = 4
+# the residency keeps the waves even; the partial-dW buffer it costs (2 * 132 * 4096 * 4
+# bytes = 4.3 MB at Llama-8B sizes, summed once) is small next to the 200 MB the kernel moves.
+# Measured on an H100 at hidden 4096 (benchmarks/results/h100-2026-11-24/norm_rope_backward.json,
+# profiler GPU time): 1/2/4/8 per SM took 0.107/0.086/0.100/0.089 ms.
+DW_PROGRAMS_PER_SM = 2
 
 
 def _dw_programs(x: torch.Tensor, n_rows: int) -> int:
