@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.kernels.checks import norm_rel_err as _rel_err
 from velotune.errors import KernelError
 from velotune.kernels import activations
 from velotune.kernels.activations import (
@@ -8,27 +9,6 @@ from velotune.kernels.activations import (
     gated_activation,
     gated_activation_reference,
 )
-
-
-def _nan_filled(make):
-    def empty(*args, **kwargs):
-        t = make(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return empty
-
-
-@pytest.fixture
-def poisoned_buffers(monkeypatch):
-    """Every buffer the op allocates starts as NaN, so an element the kernel forgets to write shows up."""
-    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _run(fn, gate_up, activation):

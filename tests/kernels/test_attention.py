@@ -1,15 +1,12 @@
 import pytest
 import torch
 
+from tests.kernels.checks import norm_rel_err as _rel_err
 from velotune.errors import KernelError
 from velotune.kernels import attention as attention_module
 from velotune.kernels.attention import attention, attention_reference, attention_sdpa, attention_triton
 
 BLOCKS = (16, 16)  # small tiles so that tiny sequences still span several blocks
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _inputs(batch, q_len, kv_len, n_heads, n_kv, head_dim, dtype=torch.float32, seed=0):
@@ -163,19 +160,7 @@ def test_bfloat16_inputs_match_the_exact_result_within_bfloat16_precision():
     _compare((1, 33, 33, 2, 1, 16), dtype=torch.bfloat16, tol=2e-2, cu_seqlens=torch.tensor([0, 10, 33]))
 
 
-def _nan_filled(make):
-    def empty(*args, **kwargs):
-        t = make(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return empty
-
-
-def test_every_output_and_gradient_element_is_written(monkeypatch):
-    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+def test_every_output_and_gradient_element_is_written(poisoned_buffers):
     mask = torch.ones(2, 23, dtype=torch.long)
     mask[0, :4] = 0
     mask[1, 17:] = 0

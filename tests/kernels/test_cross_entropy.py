@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tests.kernels.checks import norm_rel_err as _rel_err
 from velotune.errors import KernelError
 from velotune.kernels import cross_entropy as ce
 from velotune.kernels.cross_entropy import (
@@ -12,27 +13,6 @@ from velotune.kernels.cross_entropy import (
     linear_cross_entropy_chunked,
     linear_cross_entropy_reference,
 )
-
-
-def _nan_filled(make):
-    def empty(*args, **kwargs):
-        t = make(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return empty
-
-
-@pytest.fixture
-def poisoned_buffers(monkeypatch):
-    """Every buffer the op allocates starts as NaN, so an element it forgets to write shows up."""
-    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _inputs(n, h, v, *, seed, ignored=0.3, bias=False, dtype=torch.float32):

@@ -1,30 +1,10 @@
 import pytest
 import torch
 
+from tests.kernels.checks import norm_rel_err as _rel_err
 from velotune.errors import KernelError
 from velotune.kernels import rope
 from velotune.kernels.rope import RotaryFunction, apply_rotary, apply_rotary_reference
-
-
-def _nan_filled(make):
-    def empty(*args, **kwargs):
-        t = make(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return empty
-
-
-@pytest.fixture
-def poisoned_buffers(monkeypatch):
-    """Every buffer the op allocates starts as NaN, so an element the kernel forgets to write shows up."""
-    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _cos_sin(position_ids: torch.Tensor, rot: int, dtype=torch.float32, base: float = 10000.0):
