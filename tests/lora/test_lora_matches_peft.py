@@ -4,25 +4,8 @@ weight; and the same through the hand-written kernels."""
 
 import pytest
 
-from tests.lora.helpers import peft_lora, velotune_and_peft
-from tests.model_zoo import FAMILY_CONFIGS, random_batch, rel_err
-from velotune.lora import adapter_tensors
-
-
-def assert_loss_and_lora_gradients_match(ours, theirs, batch=2, seq=9):
-    ids, mask, labels = random_batch(batch, seq, seed=3, padding="right")
-    ours.train()
-    theirs.train()
-    loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
-    ref = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    ref.backward()
-    assert rel_err(loss.detach(), ref.detach()) < 1e-5
-    grads, ref_grads = adapter_tensors(ours, grad=True), peft_lora(theirs, grad=True)
-    assert grads.keys() == ref_grads.keys()
-    for key, ref_grad in ref_grads.items():
-        assert ref_grad.abs().max() > 0, key
-        assert rel_err(grads[key], ref_grad) < 1e-5, key
+from tests.lora.helpers import assert_loss_and_lora_gradients_match, velotune_and_peft
+from tests.model_zoo import FAMILY_CONFIGS
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))

@@ -12,12 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import velotune
-from tests.lora.helpers import peft_lora, randomize_lora_b
-from tests.model_zoo import random_batch, rel_err, save_hf_model
+from tests.lora.helpers import assert_loss_and_lora_gradients_match, randomize_lora_b
+from tests.model_zoo import rel_err, save_hf_model
 from tests.quant.helpers import dequantized_twin, save_transformers_4bit
 from velotune.errors import UnsupportedModelError
 from velotune.io.load import spec_from_folder
-from velotune.lora import adapter_tensors
 from velotune.lora.peft_format import ADAPTER_WEIGHTS
 from velotune.models.families import family_of
 from velotune.quant import nf4
@@ -75,38 +74,22 @@ def _qlora_pair(family, folder, targets="all-linear", r=4, lora_alpha=8):
     return ours, theirs
 
 
-def _assert_same_loss_and_lora_gradients(ours, theirs, batch=2, seq=9):
-    ids, mask, labels = random_batch(batch, seq, seed=3, padding="right")
-    ours.train()
-    theirs.train()
-    loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
-    ref = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    ref.backward()
-    assert rel_err(loss.detach(), ref.detach()) < 1e-5
-    grads, ref_grads = adapter_tensors(ours, grad=True), peft_lora(theirs, grad=True)
-    assert grads.keys() == ref_grads.keys() and grads
-    for key, ref_grad in ref_grads.items():
-        assert ref_grad.abs().max() > 0, key
-        assert rel_err(grads[key], ref_grad) < 1e-5, key
-
-
 @pytest.mark.parametrize("family", ["llama", "phi3", "qwen2", "gemma2", "mixtral"])
 def test_qlora_loss_and_lora_gradients_match_peft_on_the_dequantized_weights(family, tmp_path):
     ours, theirs = _qlora_pair(family, tmp_path)
-    _assert_same_loss_and_lora_gradients(ours, theirs)
+    assert_loss_and_lora_gradients_match(ours, theirs)
 
 
 def test_projections_without_lora_pass_gradients_through_their_4bit_weights(tmp_path):
     ours, theirs = _qlora_pair("llama", tmp_path, targets=["v_proj", "up_proj"], r=3, lora_alpha=5)
-    _assert_same_loss_and_lora_gradients(ours, theirs)
+    assert_loss_and_lora_gradients_match(ours, theirs)
 
 
 def test_qlora_through_the_triton_kernels_matches_peft(tmp_path, monkeypatch):
     """NF4 dequantized by the Triton kernel (interpreted) into the scratch buffer, inside the LoRA Function."""
     ours, theirs = _qlora_pair("llama", tmp_path)
     monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
-    _assert_same_loss_and_lora_gradients(ours, theirs, batch=2, seq=5)
+    assert_loss_and_lora_gradients_match(ours, theirs, batch=2, seq=5)
 
 
 def test_loading_quantizes_each_checkpoint_tensor_on_its_own_as_bitsandbytes_does(tmp_path, monkeypatch):
