@@ -203,6 +203,9 @@ class Parallel:
                 "gradients are all-reduced) or full_finetuning with fsdp."
             )
         self.strategy = strategy
+        if hasattr(model, "keep_embedding_on_host"):
+            # DDP and FSDP2 want every parameter on the rank's device.
+            model.keep_embedding_on_host(False)
         if strategy == "ddp":
             self.wrapped = self._ddp(model)
         else:
