@@ -109,6 +109,7 @@ class FastLanguageModel:
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
+        embedding_on_host: bool | str = "auto",
         **unused,
     ) -> VelotuneModel:
         """Freezes the base and adds LoRA adapters to the projections `target_modules` names.
@@ -125,6 +126,10 @@ class FastLanguageModel:
             random_state: seed of the LoRA initialisation.
             init_lora_weights: True (A kaiming-uniform, B zero), "gaussian", or False (B random too).
             lora_dtype: dtype of the LoRA weights; default float32 on a 16-bit base (as PEFT), else the base's.
+            embedding_on_host: "auto" keeps the frozen input embedding table in pinned host memory while
+                training on a GPU (only the batch's rows are copied over: ~1 GiB less GPU memory at
+                Llama-3-8B) and moves it back in for_inference; True keeps it there for inference too;
+                False never moves it. Tied embeddings (shared with the LM head) always stay on the GPU.
         """
         if unused:
             logger.warning("ignoring unknown get_peft_model arguments: %s", sorted(unused))
@@ -144,19 +149,26 @@ class FastLanguageModel:
             init_lora_weights=init_lora_weights,
             lora_dtype=lora_dtype,
         )
+        if embedding_on_host not in (True, False, "auto"):
+            raise AdapterError(f"embedding_on_host={embedding_on_host!r}: use 'auto', True or False.")
         model.gradient_checkpointing = checkpoint_mode(use_gradient_checkpointing)
+        model.embedding_placement = embedding_on_host
         return FastLanguageModel.for_training(model)
 
     @staticmethod
     def for_inference(model: VelotuneModel) -> VelotuneModel:
         """Evaluation mode: LoRA dropout and gradient checkpointing off (both follow the training flag)."""
         model.eval()
+        if model.embedding_placement == "auto":
+            model.keep_embedding_on_host(False)  # one row per generated token: not worth a host round trip
         return model
 
     @staticmethod
     def for_training(model: VelotuneModel) -> VelotuneModel:
         """Training mode: LoRA dropout on, gradient checkpointing as chosen in get_peft_model."""
         model.train()
+        if model.embedding_placement is not False:
+            model.keep_embedding_on_host(True)
         return model
 
 

@@ -115,14 +115,27 @@ def test_estimates_order_as_the_checkpointing_modes_promise(folders):
         > total[("offload", "full")]
     )
     assert total[(True, "save_attn")] > total[("offload", "save_attn")]
-    offload = estimate_memory(spec, seq=seq)
+    offload = estimate_memory(spec, seq=seq, embedding_on_host=False)
     assert (
         offload.host_pinned > 0
-        and estimate_memory(spec, seq=seq, gradient_checkpointing=True).host_pinned == 0
+        and estimate_memory(spec, seq=seq, gradient_checkpointing=True, embedding_on_host=False).host_pinned == 0
     )
     assert estimate_memory(spec, "qlora", seq=seq).weights < offload.weights
     assert estimate_memory(spec, seq=2 * seq).total > offload.total
     assert estimate_memory(spec, seq=seq, batch=2).total == estimate_memory(spec, seq=2 * seq).total
+
+
+def test_an_embedding_kept_on_the_host_moves_its_bytes_from_the_gpu_to_pinned_host_memory(folders):
+    spec = load(folders["llama"]).spec.replace(tie_word_embeddings=False)
+    on_gpu = estimate_memory(spec, seq=1024, gradient_checkpointing=True, embedding_on_host=False)
+    on_host = estimate_memory(spec, seq=1024, gradient_checkpointing=True, embedding_on_host=True)
+    table = spec.vocab_size * spec.hidden_size * 2
+    assert on_gpu.weights - on_host.weights == table
+    assert on_host.host_pinned - on_gpu.host_pinned == table
+    # Full fine-tuning trains the table, so it never leaves the GPU.
+    assert estimate_memory(spec, "full", seq=1024, embedding_on_host=True).weights == estimate_memory(
+        spec, "full", seq=1024, embedding_on_host=False
+    ).weights
 
 
 def test_longest_sequence_is_the_last_length_that_fits(folders):

@@ -14,8 +14,10 @@
                about 7x the per-layer GPU memory of "full" at Llama-8B shapes.
 
 `model.mlp_tile_tokens`: the MLP half runs over tiles of this many tokens (`velotune.memory.tiled`).
-None (default): 8192 whenever tiling costs no extra compute (under checkpointing, or without a
-graph), off otherwise; 0: never; n: always (without checkpointing this recomputes the MLP once more).
+None (default): whenever tiling costs no extra compute (under checkpointing, or without a graph),
+8192 tokens, or under "offload" (the least-memory mode) as many tokens as keep one [tile,
+intermediate] bf16 tensor within 32 MiB (1,024 at Llama-8B, 2,048 at Llama-1B); off otherwise;
+0: never; n: always (without checkpointing this recomputes the MLP once more).
 
 Every mode gives the same loss and gradients: bitwise on CPU in float32 when no tiling happens.
 The recomputation replays the forward's RNG (LoRA dropout) and autocast state.
@@ -36,6 +38,22 @@ from velotune.memory.tiled import token_tiles, tokenwise_backward, tokenwise_for
 MODES = (False, True, "offload")
 POLICIES = ("full", "save_attn")
 DEFAULT_TILE_TOKENS = 8192
+# Under "offload" the MLP's intermediates are the largest thing alive in a layer's backward: one tile
+# of them is kept near this size. Smaller tiles add launches (~8 per tile) but GEMMs of >= 1,024 rows
+# still run at full rate on an H100.
+OFFLOAD_TILE_BYTES = 32 * 1024**2
+MIN_TILE_TOKENS = 512
+
+
+def default_tile_tokens(intermediate_size: int, mode: bool | str) -> int:
+    """The MLP tile when `mlp_tile_tokens` is None and the checkpointing mode makes tiling free."""
+    if mode != "offload":
+        return DEFAULT_TILE_TOKENS
+    fit = OFFLOAD_TILE_BYTES // (2 * intermediate_size)
+    tile = MIN_TILE_TOKENS
+    while tile * 2 <= min(fit, DEFAULT_TILE_TOKENS):
+        tile *= 2
+    return tile
 
 
 def checkpoint_mode(value) -> bool | str:
@@ -170,11 +188,22 @@ def sequence_tiled(
     return recompute(None, fn, x, params, tile_tokens=tile_tokens)
 
 
-def _tile_tokens(model: nn.Module, free: bool) -> int | None:
+def _tile_tokens(model: nn.Module, free: bool, mode: bool | str) -> int | None:
     tile = getattr(model, "mlp_tile_tokens", None)
     if tile is None:
-        return DEFAULT_TILE_TOKENS if free else None
+        if not free:
+            return None
+        spec = getattr(model, "spec", None)
+        return default_tile_tokens(spec.intermediate_size, mode) if spec is not None else DEFAULT_TILE_TOKENS
     return tile or None
+
+
+# A layer sharded by FSDP2 holds its whole parameters only inside its forward methods, and the steps
+# below call its halves (and hand its parameters to `recompute`) outside `layer.forward`. Sharding
+# gives such a layer a method of this name, run(fn, *args) = fn(layer, *args), registered as an
+# FSDP2 forward method (`velotune.train.distributed`): the step runs inside it, on whole parameters,
+# and FSDP2's backward hooks gather them again for the recompute and reduce their gradients after.
+SHARDED_CALL = "run_as_forward"
 
 
 def activation_store(model: nn.Module) -> ActivationStore:
@@ -199,34 +228,38 @@ def run_layers(
     policy = getattr(model, "checkpoint_policy", "full")
     if policy not in POLICIES:
         raise ConfigError(f"checkpoint_policy={policy!r}: use one of {POLICIES}.")
-    tile = _tile_tokens(model, free=bool(mode) or not torch.is_grad_enabled())
+    tile = _tile_tokens(model, free=bool(mode) or not torch.is_grad_enabled(), mode=mode)
     store = activation_store(model) if mode else None
     if store is not None:
         store.begin_forward()
     last = len(model.layers) - 1
     for i, layer in enumerate(model.layers):
-
-        def attention_half(t, layer=layer):
-            return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
-
-        params = [p for p in layer.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        if not params and not x.requires_grad:
-            # Nothing to differentiate here: no graph, so nothing to save either.
-            x = tokenwise_forward(layer.mlp_block, attention_half(x), tile)
+        if not mode and not tile:
+            x = layer(x, cos, sin, key_padding_mask, cu_seqlens)
             continue
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
-        if mode and policy == "full":
-            x = recompute(
-                attention_half, layer.mlp_block, x, params, tile_tokens=tile, store=store, offload=offload
-            )
-        elif mode:
-            h = attention_half(x)
-            x = recompute(None, layer.mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)
-        else:
-            x = (
-                sequence_tiled(layer.mlp_block, attention_half(x), params, tile)
-                if tile
-                else layer(x, cos, sin, key_padding_mask, cu_seqlens)
-            )
+        step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, store, offload)
+        sharded_call = getattr(layer, SHARDED_CALL, None)
+        x = sharded_call(_layer_step, *step) if sharded_call is not None else _layer_step(layer, *step)
     return x
+
+
+def _layer_step(layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, store, offload):
+    """One layer under checkpointing or tiling: everything here that reads the layer's parameters."""
+
+    def attention_half(t):
+        return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
+
+    params = [p for p in layer.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    if not params and not x.requires_grad:
+        # Nothing to differentiate here: no graph, so nothing to save either.
+        return tokenwise_forward(layer.mlp_block, attention_half(x), tile)
+    if mode and policy == "full":
+        return recompute(
+            attention_half, layer.mlp_block, x, params, tile_tokens=tile, store=store, offload=offload
+        )
+    if mode:
+        h = attention_half(x)
+        return recompute(None, layer.mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)
+    return sequence_tiled(layer.mlp_block, attention_half(x), params, tile)

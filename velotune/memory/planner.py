@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from velotune.errors import ConfigError
-from velotune.memory.checkpoint import DEFAULT_TILE_TOKENS, POLICIES, checkpoint_mode
+from velotune.memory.checkpoint import POLICIES, checkpoint_mode, default_tile_tokens
 from velotune.memory.offload import BLOCK_BYTES
 from velotune.models.spec import ArchSpec
 
@@ -201,6 +201,7 @@ def estimate_memory(
     dtype="bfloat16",
     lora_dtype="float32",
     optimizer: str = "adamw",
+    embedding_on_host: bool | None = None,
 ) -> MemoryEstimate:
     """Peak GPU memory of one training step (after the first: optimizer state exists).
 
@@ -213,6 +214,8 @@ def estimate_memory(
             (`velotune.memory.checkpoint`).
         dtype: activations and 16-bit weights; lora_dtype: LoRA weights (float32 as PEFT keeps them).
         optimizer: "adamw" (two states per trainable parameter in its dtype), "adamw8bit" or "sgd".
+        embedding_on_host: whether the input embedding table waits in host memory (None: as
+            get_peft_model's "auto" does on a GPU: for LoRA/QLoRA with an untied embedding).
     """
     spec = _spec_of(model)
     if method not in METHODS:
@@ -227,6 +230,14 @@ def estimate_memory(
     n_layers = spec.num_layers
 
     linear, other = parameter_counts(spec)
+    if embedding_on_host is None:
+        embedding_on_host = method != "full" and not spec.tie_word_embeddings
+    table = spec.vocab_size * spec.hidden_size
+    if embedding_on_host and method != "full" and not spec.tie_word_embeddings:
+        other -= table
+        host_table = table * act
+    else:
+        host_table = 0
     if method == "qlora":
         weights = math.ceil(linear * NF4_BYTES_PER_WEIGHT) + other * act
     else:
@@ -243,7 +254,7 @@ def estimate_memory(
     attention_rank = sum(lora_r for t in (*spec.qkv_names, "o_proj") if t in targets)
     per = layer_bytes_per_token(spec, act, attention_rank if method != "full" else 0)
     hidden = per["hidden"] * tokens
-    tile = mlp_tile_tokens if mlp_tile_tokens is not None else (DEFAULT_TILE_TOKENS if mode else 0)
+    tile = mlp_tile_tokens if mlp_tile_tokens is not None else (default_tile_tokens(spec.intermediate_size, mode) if mode else 0)
     tile_len = min(tokens, tile) if tile else tokens
 
     # Saved from forward to backward, on the GPU.
@@ -290,7 +301,7 @@ def estimate_memory(
         saved_activations=int(saved),
         peak_working_set=int(max(loss_phase, backward_phase)),
         workspace=int(rope + ids + dequant),
-        host_pinned=int(host),
+        host_pinned=int(host + host_table),
         peak_phase="loss" if loss_phase >= backward_phase else "layer backward",
     )
 
@@ -342,6 +353,7 @@ def _plan(args: argparse.Namespace) -> int:
         mlp_tile_tokens=args.mlp_tile_tokens,
         dtype=args.dtype,
         optimizer=args.optimizer,
+        embedding_on_host=False if args.embedding_on_gpu else None,
     )
     estimate = estimate_memory(args.model, seq=args.seq, **kwargs)
     gpu = int(args.gpu_memory * _GIB)
@@ -375,6 +387,10 @@ def add_plan_command(subparsers) -> None:
     p.add_argument("--mlp-tile-tokens", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
+    p.add_argument(
+        "--embedding-on-gpu", action="store_true",
+        help="keep the input embedding on the GPU (get_peft_model(embedding_on_host=False))",
+    )
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of the target GPU")
     p.add_argument(
         "--host-memory", type=float, default=None, help="GiB of host memory (default: this machine's)"

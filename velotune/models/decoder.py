@@ -47,6 +47,9 @@ class DecoderModel(nn.Module):
         self.checkpoint_policy = "full"
         self.mlp_tile_tokens: int | None = None
         self.max_seq_length: int | None = None
+        # "auto": the frozen, untied input embedding waits in host memory while training on a GPU and
+        # comes back for inference; True / False: always on the host / on the device.
+        self.embedding_placement: bool | str = "auto"
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -58,7 +61,42 @@ class DecoderModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        # The final norm, not the embedding: the embedding table may be kept in host memory.
+        return self.norm.weight.device
+
+    @property
+    def embedding_on_host(self) -> bool:
+        return self.embed_tokens.weight.device != self.device
+
+    def keep_embedding_on_host(self, on_host: bool) -> bool:
+        """Moves the input embedding table to pinned host memory (True) or back to the model's device.
+
+        A frozen, untied table is only read at the rows of the batch, so the GPU needs just those rows:
+        they are gathered on the host and copied over (batch x seq x hidden values, e.g. 32 MiB for
+        4,096 tokens at hidden 4,096), which frees the whole table (1 GiB for Llama-3's 128,256 x 4,096
+        in bf16). Returns whether the table is on the host afterwards; a table that trains or that the
+        LM head shares stays where it is.
+        """
+        weight = self.embed_tokens.weight
+        if on_host:
+            if weight.requires_grad or self.lm_head is None or self.device.type != "cuda":
+                return self.embedding_on_host
+            if not self.embedding_on_host:
+                weight.data = weight.data.to("cpu").pin_memory()
+            return True
+        if self.embedding_on_host:
+            weight.data = weight.data.to(self.device)
+        return False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.embedding_on_host:
+            return self.embed_tokens(input_ids)
+        # Table on the host: gather the rows there into pinned memory, then one asynchronous copy.
+        weight = self.embed_tokens.weight
+        ids = input_ids.to("cpu").reshape(-1)
+        rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+        torch.index_select(weight, 0, ids, out=rows)
+        return rows.view(*input_ids.shape, -1).to(self.device, non_blocking=True)
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.lm_head_weight)
@@ -97,7 +135,7 @@ class DecoderModel(nn.Module):
         elif cu_seqlens is None and explicit_positions and past_key_values is None:
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if self.spec.embedding_scale is not None:
             x = x * torch.tensor(self.spec.embedding_scale, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.spec.rope, position_ids, x.dtype)
