@@ -89,3 +89,38 @@ def test_gated_activation_rejects_unknown_activations_and_odd_widths():
         GatedActivationFunction.apply(torch.randn(2, 8), "relu")
     with pytest.raises(KernelError, match="odd"):
         GatedActivationFunction.apply(torch.randn(2, 7), "silu")
+
+
+def _through_a_projection(fn, x, w, activation, retain_graph=False):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    gate_up = x @ w  # an intermediate, as in the MLP: the Triton backward writes its gradient over it
+    y = fn(gate_up, activation)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    y.backward(dy, retain_graph=retain_graph)
+    return y.detach(), x.grad, w.grad, (y, dy)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gradient_written_over_the_projection_output_matches_the_reference(activation):
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(3, 7, 24, generator=gen), torch.randn(24, 2 * 37, generator=gen)
+    y, dx, dw, _ = _through_a_projection(GatedActivationFunction.apply, x, w, activation)
+    y_ref, dx_ref, dw_ref, _ = _through_a_projection(gated_activation_reference, x, w, activation)
+    assert _rel_err(y, y_ref) < 1e-5
+    assert _rel_err(dx, dx_ref) < 1e-5 and _rel_err(dw, dw_ref) < 1e-5
+
+
+def test_a_second_backward_through_a_retained_graph_fails_instead_of_reading_overwritten_values():
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 16, generator=gen), torch.randn(16, 2 * 9, generator=gen)
+    _, _, _, (y, dy) = _through_a_projection(GatedActivationFunction.apply, x, w, "silu", retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
+def test_a_leaf_gate_up_is_left_unchanged_by_the_backward():
+    gate_up = torch.randn(4, 2 * 11, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
+    before = gate_up.detach().clone()
+    GatedActivationFunction.apply(gate_up, "silu").sum().backward()
+    assert torch.equal(gate_up.detach(), before)

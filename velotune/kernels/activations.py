@@ -82,7 +82,7 @@ def _gated_fwd_kernel(
 
 
 # d_up = dy * act(gate);  d_gate = round(dy * up) * act'(gate)   (written into one [M, 2I] gradient)
-# Floor: read gate_up (M*2I) and dy (M*I), write d_gate_up (M*2I).
+# Floor: read gate_up (M*2I) and dy (M*I), write d_gate_up (M*2I), over gate_up's storage in training.
 @triton.jit
 def _gated_bwd_kernel(
     dy_ptr,
@@ -142,12 +142,18 @@ def gated_activation_forward(gate_up: torch.Tensor, activation: str) -> torch.Te
     return y.view(*gate_up.shape[:-1], inter)
 
 
-def gated_activation_backward(dy: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """Triton backward: d(gate_up) [..., 2I] from dy [..., I] and the saved gate_up."""
+def gated_activation_backward(
+    dy: torch.Tensor, gate_up: torch.Tensor, activation: str, in_place: bool = False
+) -> torch.Tensor:
+    """Triton backward: d(gate_up) [..., 2I] from dy [..., I] and the saved gate_up.
+
+    in_place=True writes the gradient over gate_up's storage (each program reads its elements
+    before it overwrites them): no second [tokens, 2I] buffer, the largest one of an MLP backward.
+    """
     inter = gate_up.shape[-1] // 2
     gu = _as_rows(gate_up, 2 * inter)
     dy2 = _as_rows(dy, inter)
-    dgu = torch.empty(gu.shape, dtype=gate_up.dtype, device=gate_up.device)
+    dgu = gu if in_place else torch.empty(gu.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dgu.numel() > 0:
         block = _block(inter)
         _gated_bwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](
@@ -171,12 +177,20 @@ class GatedActivationFunction(torch.autograd.Function):
         y = gated_activation_forward(gate_up, activation)
         ctx.save_for_backward(gate_up)
         ctx.activation = activation
+        # A leaf is the caller's own tensor: never overwrite it.
+        ctx.in_place = gate_up.grad_fn is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
-        return gated_activation_backward(dy, gate_up, ctx.activation), None
+        # gate_up is the projection's output, saved for this op alone: its gradient takes its place. The
+        # version bump makes a second backward through a retained graph fail loudly instead of reading
+        # the overwritten values.
+        dgu = gated_activation_backward(dy, gate_up, ctx.activation, in_place=ctx.in_place)
+        if ctx.in_place:
+            torch.autograd.graph.increment_version(gate_up)
+        return dgu, None
 
 
 def gated_activation_reference(gate_up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -181,8 +181,8 @@ def layer_bytes_per_token(spec: ArchSpec, act_bytes: int, lora_rank: int = 0) ->
         # What the MLP half's graph keeps beyond its input: normed input, gate/up, activation output.
         mlp_saved=(h + top_k * 3 * i + sandwich) * act_bytes,
         # One MLP tile at its high point (the gated activation's backward): normed input, the tile's
-        # output, gate/up, d(activation), d(gate/up).
-        mlp_tile=(2 * h + top_k * 5 * i + sandwich) * act_bytes,
+        # output, gate/up, d(activation); the Triton backward writes d(gate/up) over gate/up.
+        mlp_tile=(2 * h + top_k * 3 * i + sandwich) * act_bytes,
         hidden=h * act_bytes,
     )
 
