@@ -361,7 +361,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=sorted(SHAPES))
     p.add_argument("--method", required=True, choices=("lora", "qlora", "full"))
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument(
+        "--batch", default="2",
+        help="rows per step; a comma list (2,4) measures each size on one load of every system",
+    )
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--systems", default="velotune,hf_peft,hf_peft_bnb,liger,unsloth")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -385,6 +388,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text recorded with every result")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    try:
+        args.batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batch {args.batch!r}: expected an integer or a comma list of integers")
+    if not args.batches or min(args.batches) < 1:
+        p.error("--batch: at least one positive batch size")
+    args.batch = args.batches[0]
     unknown = [s for s in args.systems if s not in LOADERS]
     if unknown:
         p.error(f"unknown systems {unknown}; known: {', '.join(LOADERS)}")
@@ -432,9 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         folder = prepare_model_folder(args.model, args.cache_dir, args.seed, device)
         prepare_s = time.perf_counter() - start
-        tokens_path = prepare_tokens(
-            folder, cfg["vocab_size"], args.warmup + args.steps, args.batch, args.seq, args.seed
-        )
+        tokens_paths = {
+            b: prepare_tokens(folder, cfg["vocab_size"], args.warmup + args.steps, b, args.seq, args.seed)
+            for b in args.batches
+        }
+        tokens_path = tokens_paths[args.batch]
         matmul_tflops = measure_matmul_tflops(device, dtype)
     flops = training_flops(cfg, args.batch, args.seq, full=args.method == "full")
     common: dict[str, Any] = {
@@ -468,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "dtype": args.dtype, "lr": args.lr,
         "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.0,
     }  # fmt: skip
+    if len(args.batches) > 1 and tokens_path is not None:
+        spec_base["batches"] = [{"batch": b, "tokens_path": str(tokens_paths[b])} for b in args.batches]
 
     results = []
     outs = [args.out, *args.also_out]
@@ -488,16 +502,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"[train_step] {args.model} {args.method} {args.batch}x{args.seq}: {system} ...", flush=True
             )
             result = run_system(dict(spec_base, system=system), log_dir, timeout)
-        result = {**common, "system": system, **result}
-        if result["status"] == "ok":
-            result["mfu"] = flops / result["step_time_median_s"] / (matmul_tflops * 1e12)
-        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "weights_bytes", "above_weights_bytes"):
-            result.setdefault(key, None)
-        results.append(result)
-        line = json.dumps(result, sort_keys=True)
-        for out in outs:
-            with open(out, "a") as f:
-                f.write(line + "\n")
+        per_batch = result.pop("runs", None)
+        if per_batch is None:
+            per_batch = [dict(result, batch=b) for b in args.batches] if len(args.batches) > 1 else [result]
+        else:
+            per_batch = [
+                {**{k: v for k, v in result.items() if k != "status"}, **one, "batch": b}
+                for one, b in zip(per_batch, args.batches)
+            ]
+        for one in per_batch:
+            batch = one.get("batch", args.batch)
+            flops = training_flops(cfg, batch, args.seq, full=args.method == "full")
+            one = {**common, "batch": batch, "model_tflops_per_step": flops / 1e12, "system": system, **one}
+            if one["status"] == "ok":
+                one["mfu"] = flops / one["step_time_median_s"] / (matmul_tflops * 1e12)
+            for key in ("peak_allocated_bytes", "peak_reserved_bytes", "weights_bytes", "above_weights_bytes"):
+                one.setdefault(key, None)
+            results.append(one)
+            line = json.dumps(one, sort_keys=True)
+            for out in outs:
+                with open(out, "a") as f:
+                    f.write(line + "\n")
     print_table(results)
     return 0
 

@@ -99,9 +99,34 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - start
         result.update(notes)
-        train_loop(model, spec, result)
-        result["status"] = "ok"
-        result.pop("phase", None)
+        runs = spec.get("batches")
+        if not runs:
+            train_loop(model, spec, result)
+            result["status"] = "ok"
+            result.pop("phase", None)
+        else:
+            # Several batch sizes on one loaded model (loading an 8B model costs more than its steps):
+            # one record per batch size, each with its own optimizer and peak-memory window.
+            base = dict(result)
+            result["runs"] = []
+            for run_spec in runs:
+                one = dict(base)
+                result["runs"].append(one)
+                try:
+                    train_loop(model, dict(spec, **run_spec), one)
+                    one["status"] = "ok"
+                    one.pop("phase", None)
+                except torch.OutOfMemoryError as exc:
+                    one["error"] = error_record(exc, one.get("phase", "?"))
+                    one["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                import gc
+
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+            result["status"] = "ok"
+            result.pop("phase", None)
     except BaseException as exc:  # the record must be written whatever happened (OOM, import errors, ...)
         # Matched by name: importing benchmarks.systems here could itself fail (it imports torch).
         if type(exc).__name__ == "NotApplicable":

@@ -21,11 +21,11 @@ from benchmarks.shapes import SHAPES, matmul_params_per_token  # noqa: E402
 TINY_VOCAB = SHAPES["tiny-llama"]["vocab_size"]
 
 
-def run_harness(tmp: Path, cache: Path, systems: str, dtype: str = "float32") -> list[dict]:
+def run_harness(tmp: Path, cache: Path, systems: str, dtype: str = "float32", batch: str = "2") -> list[dict]:
     out = tmp / "results.jsonl"
     cmd = [
         sys.executable, "-m", "benchmarks.train_step", "--model", "tiny-llama", "--method", "lora",
-        "--batch", "2", "--seq", "16", "--warmup", "1", "--steps", "2", "--systems", systems,
+        "--batch", batch, "--seq", "16", "--warmup", "1", "--steps", "2", "--systems", systems,
         "--dtype", dtype, "--out", str(out), "--cache-dir", str(cache),
     ]  # fmt: skip
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -126,6 +126,22 @@ def test_velotune_system_trains_the_tiny_model_on_cpu_and_starts_at_the_referenc
     # Same weights, same tokens, LoRA B initialised to zero: the first loss is the base model's.
     hf = next(x for x in hf_and_failing_run if x["system"] == "hf_peft")
     assert r["loss_first"] == pytest.approx(hf["loss_first"], rel=1e-4)
+
+
+def test_a_batch_list_measures_every_size_on_one_load_and_records_a_line_per_size(tmp_path, cache_dir):
+    rows = run_harness(tmp_path, cache_dir, "velotune_no_recompute,hf_peft", batch="1,3")
+    assert [(r["system"], r["batch"]) for r in rows] == [
+        ("velotune_no_recompute", 1), ("velotune_no_recompute", 3), ("hf_peft", 1), ("hf_peft", 3)
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r.get("error")
+        assert len(r["losses"]) == 3
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["step_time_median_s"])
+    # The second size continues from the weights the first one left (with a fresh optimizer), on its own
+    # tokens; a few steps at lr 1e-4 keep both near ln(vocab).
+    for r in rows:
+        assert abs(r["loss_first"] - math.log(TINY_VOCAB)) < 0.05
+    assert rows[0]["model_tflops_per_step"] * 3 == pytest.approx(rows[1]["model_tflops_per_step"])
 
 
 def _row(system: str, **kw) -> dict:
