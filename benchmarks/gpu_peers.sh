@@ -6,8 +6,8 @@
 #     bash benchmarks/gpu_peers.sh                     # llama-3.1-8b then llama-3.2-1b, lora and qlora
 #     bash benchmarks/gpu_peers.sh llama-3.2-1b        # only the shapes named
 # Env: OUT (where the device tool collects returned files: the JSONL, BENCHMARKS.md, worker-logs.tgz), RUN_DIR (default benchmarks/results/gpu-run), BUDGET_S (default 540: no system
-# starts after it and a running one is stopped there), BATCH/SEQ (default 2 x 2048),
-# METHODS (default "lora qlora"), BENCH_GIT_COMMIT (recorded as the commit when the tree carries no .git).
+# starts after it and a running one is stopped there), BATCH/SEQ (default 2 x 2048; BATCH=2,4 measures both sizes on one load per system),
+# METHODS (default "lora qlora"), SYSTEMS (comma list), BENCH_GIT_COMMIT (recorded as the commit when the tree carries no .git).
 # Writes $RUN_DIR/results/train_step-<date>.jsonl (also appended to benchmarks/results/), worker logs in
 # $RUN_DIR/logs, and $RUN_DIR/BENCHMARKS.md (+ charts when matplotlib is installed). Bring the JSONL back into
 # benchmarks/results/ and run `python -m benchmarks.report` to regenerate BENCHMARKS.md and the charts.
@@ -39,7 +39,7 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cud
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 JSONL="$RUN_DIR/results/train_step-$STAMP.jsonl"
-SYSTEMS=velotune,unsloth,liger,hf_peft,hf_peft_bnb
+SYSTEMS=${SYSTEMS:-velotune,velotune_no_recompute,unsloth,liger,hf_peft,hf_peft_bnb}
 for model in "${MODELS[@]}"; do
   # Loading dominates at 8B; fewer timed steps keep the whole run inside the GPU budget.
   if [ "$model" = "llama-3.2-1b" ]; then WARMUP=3 STEPS=10; else WARMUP=2 STEPS=5; fi
