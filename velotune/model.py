@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
+import transformers
 
 from velotune import lora
-from velotune.errors import AdapterError
+from velotune.errors import AdapterError, ConfigError
 from velotune.infer.generate import generate as _generate
 from velotune.models.decoder import DecoderModel
 
@@ -28,6 +29,34 @@ class VelotuneModel(DecoderModel):
     loss_type = "ForCausalLM"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    model_tags: list[str] | None = None
+
+    # Read and written by Transformers' and TRL's trainers (TRL's SFTTrainer sets the pad token id on
+    # both). Built once from the loaded folder's config.json; a model built without a folder has none.
+    @property
+    def config(self) -> transformers.PretrainedConfig:
+        cfg = self.__dict__.get("_hf_config")
+        if cfg is None:
+            raw = self.__dict__.get("config_dict")
+            if raw is None:
+                raise AttributeError("this model was not loaded from a folder, so it has no config")
+            known = raw.get("model_type") in transformers.CONFIG_MAPPING
+            cls = transformers.CONFIG_MAPPING[raw["model_type"]] if known else transformers.PretrainedConfig
+            cfg = cls.from_dict(raw)
+            cfg._name_or_path = getattr(self, "name_or_path", "") or ""
+            self.__dict__["_hf_config"] = cfg
+        return cfg
+
+    @property
+    def generation_config(self) -> transformers.GenerationConfig:
+        if "_generation_config" not in self.__dict__:
+            self.__dict__["_generation_config"] = transformers.GenerationConfig.from_model_config(self.config)
+        return self.__dict__["_generation_config"]
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Transformers' name: tags for a model card (TRL's trainers add theirs)."""
+        old = self.model_tags or []
+        self.model_tags = old + [t for t in ([tags] if isinstance(tags, str) else tags) if t not in old]
 
     def num_parameters(
         self,
@@ -44,9 +73,21 @@ class VelotuneModel(DecoderModel):
             if (p.requires_grad or not trainable_only) and id(p) not in skip
         )
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        # Transformers' Trainer calls this; it must not downgrade an "offload" setting to GPU checkpoints.
-        self.gradient_checkpointing = self.gradient_checkpointing or True
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Transformers' Trainer calls this (>= 5.2x): every layer, its input kept on the GPU or, with offload,
+        in pinned host memory. An "offload" setting made at load time is not downgraded."""
+        if every_n_layers != 1:
+            raise ConfigError(
+                f"every_n_layers={every_n_layers}: velotune checkpoints every layer; drop every_n_layers, or "
+                "use model.checkpoint_policy='save_attn' to keep more activations."
+            )
+        self.gradient_checkpointing = "offload" if offload else (self.gradient_checkpointing or True)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        # Older Transformers' name, still called by its Trainer where the new one is absent.
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False

@@ -1,7 +1,8 @@
-"""velotune models under transformers.Trainer: a plain Trainer steps; HFTrainer checkpoints hold the PEFT
-adapter (not the frozen base) and resume from them."""
+"""velotune models under transformers.Trainer and TRL's SFTTrainer: a plain Trainer steps; HFTrainer and
+velotune's SFTTrainer checkpoints hold the PEFT adapter (not the frozen base) and resume from them."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 import velotune
+from tests.model_zoo import rel_err
 from tests.train.helpers import random_examples, tiny_model
 from velotune.train import DataCollator
 from velotune.train.data import TokenizedDataset
@@ -45,10 +47,11 @@ def test_a_plain_transformers_trainer_takes_a_step(folder, tmp_path):
     model = load(folder, lora=False)
     before = model.embed_tokens.weight.detach().clone()
     data = TokenizedDataset.from_examples(random_examples(8, seed=0))
-    trainer = transformers.Trainer(model=model, args=hf_args(tmp_path, max_steps=1), train_dataset=data,
-                                   data_collator=DataCollator(0))  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=hf_args(tmp_path, max_steps=1, gradient_checkpointing=True),
+                                   train_dataset=data, data_collator=DataCollator(0))  # fmt: skip
     out = trainer.train()
     assert out.global_step == 1 and torch.isfinite(torch.tensor(out.training_loss))
+    assert model.gradient_checkpointing is True
     assert not torch.equal(before, model.embed_tokens.weight)
 
 
@@ -89,3 +92,128 @@ def test_hf_trainer_learns_with_lora_and_checkpoints_the_peft_adapter_only(folde
     assert resumed.state.global_step == 12
     saved = load_file(str(ckpt / "trainable.safetensors"))
     assert set(saved) == set(snap.params) and all(torch.equal(saved[n], snap.params[n]) for n in saved)
+
+
+# --- TRL's SFTTrainer ------------------------------------------------------------------------------------
+
+WORDS = "zero one two three four five six seven eight nine ten".split()
+
+
+def counting_tokenizer():
+    """A word-level tokenizer small enough for the tiny model's 101-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {word: i for i, word in enumerate([*specials, *WORDS, "<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory):
+    """A tiny Llama folder with a tokenizer. Its LM head is 10x Transformers' init scale (see `load`), saved in
+    the folder so that Transformers + PEFT read the same base as velotune."""
+    from tests.model_zoo import build_hf_model
+
+    path = tmp_path_factory.mktemp("llama_sft")
+    hf = build_hf_model("llama", seed=0)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(10)
+    hf.save_pretrained(str(path))
+    counting_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def counting_texts():
+    return [" ".join(WORDS[(start + i) % len(WORDS)] for i in range(8)) for start in range(len(WORDS))]
+
+
+def sft_trainer(folder, out, packing=False, **kw):
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    from velotune.train.hf_integration import SFTTrainer
+
+    # TRL's packing joins a batch's packed rows into one row of up to batch x max_length tokens.
+    batch = 2 if packing else 4
+    model, tokenizer = velotune.FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
+                                                                  max_seq_length=64 * batch, progress=False)  # fmt: skip
+    model = velotune.FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+    # bf16=False: SFTConfig's default is bf16 autocast, and the logits are compared in float32.
+    base = dict(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=1e-2, logging_steps=1,
+                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, max_length=64,
+                packing=packing, bf16=False)  # fmt: skip
+    args = trl.SFTConfig(**{**base, **kw})
+    dataset = datasets.Dataset.from_dict({"text": counting_texts()})
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def logged_losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_sft_trainer_learns_and_its_checkpoint_is_a_peft_adapter_that_peft_loads_to_the_same_logits(
+    sft_folder, tmp_path, packing
+):
+    import peft
+
+    trainer = sft_trainer(sft_folder, tmp_path, packing, max_steps=10, save_strategy="steps", save_steps=10)
+    if packing:  # TRL packs padding-free: one row, documents told apart by restarting position_ids
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert "attention_mask" not in batch and int((batch["position_ids"] == 0).sum()) > 1
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert len(losses) == 10 and losses[-1] < 0.5 * losses[0]
+
+    ckpt = tmp_path / "checkpoint-10"
+    files = set(os.listdir(ckpt))
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
+    assert not any(name.startswith("model") for name in files)  # the frozen base is not copied
+    assert all("lora" in key for key in load_file(str(ckpt / "adapter_model.safetensors")))
+
+    ids = trainer.processing_class(counting_texts()[:3], return_tensors="pt")["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(sft_folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        base = hf(ids).logits
+        theirs = peft.PeftModel.from_pretrained(hf, str(ckpt)).eval()(ids).logits
+        ours = trainer.model.eval()(ids).logits
+    assert rel_err(ours, theirs) < 1e-5
+    assert rel_err(theirs, base) > 1e-2  # the adapter changed the outputs: it was loaded
+
+
+@pytest.mark.parametrize("kind", ["transformers", "trl"])
+def test_train_resume_from_checkpoint_true_continues_the_uninterrupted_loss_sequence(
+    folder, sft_folder, tmp_path, kind
+):
+    def build():
+        kw = dict(max_steps=10, save_strategy="steps", save_steps=5)
+        if kind == "trl":
+            return sft_trainer(sft_folder, tmp_path, **kw)
+        data = TokenizedDataset.from_examples(random_examples(8, seed=1))
+        return HFTrainer(model=load(folder, lora=True), args=hf_args(tmp_path, per_device_train_batch_size=4, **kw),
+                         train_dataset=data, data_collator=DataCollator(0))  # fmt: skip
+
+    whole = build()
+    whole.train()
+    # An interrupted run: its last checkpoint is step 5.
+    shutil.rmtree(tmp_path / "checkpoint-10")
+    resumed = build()
+    snap, steps = Snapshot(resumed.model), StepCounter()
+    resumed.add_callback(snap)
+    resumed.add_callback(steps)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 10 and steps.count == 5
+    saved = load_file(str(tmp_path / "checkpoint-5" / "trainable.safetensors"))
+    assert set(saved) == set(snap.params) and all(torch.equal(saved[n], snap.params[n]) for n in saved)
+    assert len(logged_losses(whole)) == 10
+    torch.testing.assert_close(logged_losses(resumed), logged_losses(whole), rtol=1e-6, atol=0)
+
+
+class StepCounter(transformers.TrainerCallback):
+    count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1

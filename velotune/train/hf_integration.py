@@ -15,7 +15,12 @@ plus the trainable weights instead, and loads them back for `train(resume_from_c
                         data_collator=DataCollator(tokenizer.pad_token_id, packing=True, max_seq_length=2048))
     trainer.train()
 
-    # TRL: class SFT(AdapterCheckpointMixin, trl.SFTTrainer): pass
+TRL (tested with trl 1.16): `velotune.train.hf_integration.SFTTrainer` is `trl.SFTTrainer` with the same
+checkpoints, taking TRL's datasets (text, prompt-completion, conversations) and `trl.SFTConfig`:
+
+    from velotune.train.hf_integration import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=trl.SFTConfig(...), train_dataset=dataset, processing_class=tokenizer)
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import os
 import torch
 import transformers
 
-from velotune.errors import CheckpointError
+from velotune.errors import CheckpointError, ConfigError
 from velotune.train.checkpoint import TRAINABLE, load_trainables, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -74,3 +79,54 @@ class AdapterCheckpointMixin:
 
 class HFTrainer(AdapterCheckpointMixin, transformers.Trainer):
     """`transformers.Trainer` whose checkpoints hold the LoRA adapter (PEFT format), not the frozen base."""
+
+
+def _sft_trainer_class() -> type:
+    try:
+        import trl
+    except ImportError as exc:
+        raise ConfigError(
+            "SFTTrainer needs TRL: `pip install trl==1.16.0` (the version velotune is tested with)."
+        ) from exc
+
+    class SFTTrainer(AdapterCheckpointMixin, trl.SFTTrainer):
+        """`trl.SFTTrainer` for a velotune model: the loss is the model's own (velotune's fused, chunked LM head
+        and cross-entropy), and checkpoints hold the LoRA adapter in PEFT's format, not the frozen base.
+
+        TRL's own loss path asks the model for per-token log-probabilities through a head it attaches to
+        Transformers' backbone (`model.base_model`), which a velotune model does not have; the model's loss is
+        the same negative log-likelihood ("nll"), normalised over the tokens of the accumulated batch. TRL's
+        per-token metrics (entropy, token accuracy) need those log-probabilities and are not logged.
+        """
+
+        def __init__(self, model, args=None, *pos, **kwargs):
+            if kwargs.get("peft_config") is not None:
+                raise ConfigError(
+                    "a velotune model takes LoRA from FastLanguageModel.get_peft_model(model, ...), not from "
+                    "peft_config: apply it there and drop peft_config."
+                )
+            if isinstance(model, str):
+                raise ConfigError(
+                    "pass a model loaded with velotune.FastLanguageModel.from_pretrained, not a name or path."
+                )
+            loss_type = getattr(args, "loss_type", "nll")
+            if loss_type != "nll" or getattr(args, "label_smoothing_factor", 0.0):
+                raise ConfigError(
+                    f"loss_type={loss_type!r} / label_smoothing_factor need logits that a velotune model does "
+                    "not build while training; use loss_type='nll' and label_smoothing_factor=0."
+                )
+            super().__init__(model, args, *pos, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    SFTTrainer.__qualname__ = "SFTTrainer"
+    return SFTTrainer
+
+
+def __getattr__(name: str):
+    # TRL stays optional: `SFTTrainer` is built (and trl imported) on first use.
+    if name == "SFTTrainer":
+        cls = globals()["SFTTrainer"] = _sft_trainer_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
