@@ -217,3 +217,28 @@ class StepCounter(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.count += 1
+
+
+@pytest.mark.parametrize("wrong, message", [("peft_config", "get_peft_model"), ("model_name", "from_pretrained"),
+                                            ("loss_type", "loss_type='nll'")])  # fmt: skip
+def test_velotune_sft_trainer_refuses_what_a_velotune_model_cannot_do_before_training(
+    sft_folder, tmp_path, wrong, message
+):
+    import peft
+
+    trl = pytest.importorskip("trl")
+    from velotune.errors import ConfigError
+    from velotune.train.hf_integration import SFTTrainer
+
+    model, tokenizer = velotune.FastLanguageModel.from_pretrained(str(sft_folder), dtype=torch.float32,
+                                                                  device_map="cpu", progress=False)  # fmt: skip
+    args = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    kw = dict(model=model, train_dataset=None, processing_class=tokenizer)
+    if wrong == "peft_config":
+        kw["peft_config"] = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    elif wrong == "model_name":
+        kw["model"] = "meta-llama/Llama-3.2-1B"
+    else:
+        args["loss_type"] = "dft"
+    with pytest.raises(ConfigError, match=message):
+        SFTTrainer(args=trl.SFTConfig(**args), **kw)
