@@ -130,22 +130,30 @@ def counting_texts():
     return [" ".join(WORDS[(start + i) % len(WORDS)] for i in range(8)) for start in range(len(WORDS))]
 
 
-def sft_trainer(folder, out, packing=False, **kw):
+def sft_args(out, packing=False, **kw):
     trl = pytest.importorskip("trl")
+
+    # bf16=False: SFTConfig's default is bf16 autocast, and the tests compare in float32.
+    base = dict(output_dir=str(out), per_device_train_batch_size=sft_batch(packing), learning_rate=1e-2,
+                logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+                max_length=64, packing=packing, bf16=False)  # fmt: skip
+    return trl.SFTConfig(**{**base, **kw})
+
+
+def sft_batch(packing: bool) -> int:
+    return 2 if packing else 4
+
+
+def sft_trainer(folder, out, packing=False, **kw):
+    args = sft_args(out, packing, **kw)
     import datasets
 
     from velotune.train.hf_integration import SFTTrainer
 
     # TRL's packing joins a batch's packed rows into one row of up to batch x max_length tokens.
-    batch = 2 if packing else 4
     model, tokenizer = velotune.FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
-                                                                  max_seq_length=64 * batch, progress=False)  # fmt: skip
+                                                                  max_seq_length=64 * sft_batch(packing), progress=False)  # fmt: skip
     model = velotune.FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
-    # bf16=False: SFTConfig's default is bf16 autocast, and the logits are compared in float32.
-    base = dict(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=1e-2, logging_steps=1,
-                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, max_length=64,
-                packing=packing, bf16=False)  # fmt: skip
-    args = trl.SFTConfig(**{**base, **kw})
     dataset = datasets.Dataset.from_dict({"text": counting_texts()})
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
@@ -184,6 +192,29 @@ def test_trl_sft_trainer_learns_and_its_checkpoint_is_a_peft_adapter_that_peft_l
     assert rel_err(theirs, base) > 1e-2  # the adapter changed the outputs: it was loaded
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_sft_trainer_gives_the_loss_sequence_of_trl_on_transformers_and_peft(
+    sft_folder, tmp_path, packing
+):
+    """Same data, same initial adapter, 10 steps: velotune's model under velotune's SFTTrainer and Transformers +
+    PEFT under TRL's own SFTTrainer log the same losses."""
+    import datasets
+    import peft
+    import trl
+
+    kw = dict(max_steps=10, gradient_checkpointing=False)  # (on by default: the test above runs with it)
+    ours = sft_trainer(sft_folder, tmp_path / "velotune", packing, **kw)
+    ours.model.save_pretrained(str(tmp_path / "initial"))
+    ours.train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(sft_folder), dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(hf, str(tmp_path / "initial"), is_trainable=True)
+    theirs = trl.SFTTrainer(model=reference, args=sft_args(tmp_path / "reference", packing, **kw), train_dataset=datasets.Dataset.from_dict({"text": counting_texts()}),
+                            processing_class=ours.processing_class)  # fmt: skip
+    theirs.train()
+    assert len(logged_losses(ours)) == 10
+    torch.testing.assert_close(logged_losses(ours), logged_losses(theirs), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["transformers", "trl"])
 def test_train_resume_from_checkpoint_true_continues_the_uninterrupted_loss_sequence(
     folder, sft_folder, tmp_path, kind
@@ -191,7 +222,7 @@ def test_train_resume_from_checkpoint_true_continues_the_uninterrupted_loss_sequ
     def build():
         kw = dict(max_steps=10, save_strategy="steps", save_steps=5)
         if kind == "trl":
-            return sft_trainer(sft_folder, tmp_path, **kw)
+            return sft_trainer(sft_folder, tmp_path, gradient_checkpointing=False, **kw)
         data = TokenizedDataset.from_examples(random_examples(8, seed=1))
         return HFTrainer(model=load(folder, lora=True), args=hf_args(tmp_path, per_device_train_batch_size=4, **kw),
                          train_dataset=data, data_collator=DataCollator(0))  # fmt: skip

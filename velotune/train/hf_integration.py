@@ -97,6 +97,10 @@ def _sft_trainer_class() -> type:
         Transformers' backbone (`model.base_model`), which a velotune model does not have; the model's loss is
         the same negative log-likelihood ("nll"), normalised over the tokens of the accumulated batch. TRL's
         per-token metrics (entropy, token accuracy) need those log-probabilities and are not logged.
+
+        With `packing=True` TRL joins a batch's packed rows into one row of up to
+        `per_device_train_batch_size * max_length` tokens (documents told apart by `position_ids`), so load
+        the model with a `max_seq_length` at least that long.
         """
 
         def __init__(self, model, args=None, *pos, **kwargs):
