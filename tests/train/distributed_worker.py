@@ -3,11 +3,15 @@
     python tests/train/distributed_worker.py SPEC.json
 
 SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "examples": n, "data_seed": int} and
-optionally "load_in_4bit", "device_map" ("cpu"), "dtype" ("float32"), "eval_examples", "resume" (a checkpoint).
+optionally "load_in_4bit", "device_map" ("cpu"), "dtype" ("float32"), "eval_examples", "resume" (a checkpoint),
+"checkpointing" (the model's gradient_checkpointing: false, true or "offload"), "checkpoint_policy",
+"mlp_tile_tokens", "report_shards" (write shards-rank<r>.json: this rank's and the whole element counts of the
+model's parameters after training, by dtype).
 Writes the trained result with Trainer.save_model into args.output_dir.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -38,6 +42,10 @@ def train(spec: dict) -> None:
             model, r=4, lora_alpha=8, use_gradient_checkpointing=False, random_state=11,
             init_lora_weights=False,
         )  # fmt: skip
+    if "checkpointing" in spec:
+        model.gradient_checkpointing = spec["checkpointing"]
+    model.checkpoint_policy = spec.get("checkpoint_policy", model.checkpoint_policy)
+    model.mlp_tile_tokens = spec.get("mlp_tile_tokens", model.mlp_tile_tokens)
     data = TokenizedDataset.from_examples(random_examples(spec["examples"], seed=spec["data_seed"]))
     evaluation = None
     if spec.get("eval_examples"):
@@ -47,6 +55,22 @@ def train(spec: dict) -> None:
     trainer = Trainer(model, TrainingArguments(**spec["args"]), train_dataset=data, eval_dataset=evaluation)
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     trainer.save_model()
+    if spec.get("report_shards"):
+        report_shards(model, spec["args"]["output_dir"])
+
+
+def report_shards(model, folder: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    local, whole = {}, {}
+    for p in model.parameters():
+        key = str(p.dtype).removeprefix("torch.")
+        part = p.to_local() if isinstance(p, DTensor) else p
+        local[key] = local.get(key, 0) + part.numel()
+        whole[key] = whole.get(key, 0) + p.numel()
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(folder, f"shards-rank{rank}.json"), "w") as f:
+        json.dump({"local": local, "whole": whole}, f)
 
 
 if __name__ == "__main__":

@@ -105,14 +105,14 @@ def test_ddp_on_two_ranks_of_batch_two_trains_the_adapter_like_one_rank_of_batch
     assert not os.path.exists(two / "checkpoint-1")
 
 
-def assert_resumed_final_step(resumed_dir, reference_dir):
+def assert_resumed_final_step(resumed_dir, reference_dir, weights_file="trainable.safetensors"):
     """A run resumed at checkpoint-2 logs step 3 only, with the reference's loss, and ends at its weights."""
     log_resumed = [r for r in losses(resumed_dir) if "loss" in r]
     log_reference = [r for r in losses(reference_dir) if "loss" in r]
     assert [r["step"] for r in log_resumed] == [3]
     assert abs(log_resumed[0]["loss"] - log_reference[2]["loss"]) <= 1e-6 * abs(log_reference[2]["loss"])
-    wa = load_file(os.path.join(reference_dir, "trainable.safetensors"))
-    wb = load_file(os.path.join(resumed_dir, "trainable.safetensors"))
+    wa = load_file(os.path.join(reference_dir, weights_file))
+    wb = load_file(os.path.join(resumed_dir, weights_file))
     assert wa.keys() == wb.keys()
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() <= 1e-6 * wa[name].abs().max(), name
@@ -153,6 +153,55 @@ def test_fsdp2_full_finetuning_on_two_ranks_matches_one_rank_and_checkpoints_mov
     run_two_processes(write_spec(tmp_path, "on_two", **common, resume=str(one / "checkpoint-2"),
                                  args=training_args(on_two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
     assert_resumed_final_step(on_two, one)
+
+
+def assert_sharded(output_dir, dtypes):
+    """Each of the 2 ranks holds about half of every parameter of these dtypes, never the whole."""
+    r0, r1 = (json.load(open(os.path.join(output_dir, f"shards-rank{r}.json"))) for r in (0, 1))
+    for dtype in dtypes:
+        whole = r0["whole"][dtype]
+        assert whole == r1["whole"][dtype] > 0
+        assert r0["local"][dtype] + r1["local"][dtype] >= whole  # FSDP2 pads the last shard
+        assert max(r0["local"][dtype], r1["local"][dtype]) <= 0.6 * whole, (dtype, r0, r1)
+
+
+@pytest.mark.parametrize(
+    "load_in_4bit, checkpointing, policy",
+    [(False, False, "full"), (False, "offload", "full"), (True, True, "save_attn")],
+    ids=["lora", "lora-offloaded-checkpoints", "qlora-checkpoints-save-attn"],
+)
+def test_fsdp2_with_lora_on_two_ranks_shards_the_base_and_trains_the_adapter_like_one_rank(
+    folder, tmp_path, load_in_4bit, checkpointing, policy
+):
+    # Frozen base weights (16-bit, or the 4-bit codes and scales) and trainable adapters share each layer's
+    # FSDP2 unit; under checkpointing the recompute runs on the layer's gathered weights.
+    common = dict(model=folder, lora=True, load_in_4bit=load_in_4bit, examples=11, data_seed=1, eval_examples=5,
+                  checkpointing=checkpointing, checkpoint_policy=policy)  # fmt: skip
+    kw = dict(gradient_accumulation_steps=2, packing=True, max_seq_length=24, save_steps=2, save_total_limit=None)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
+    run_two_processes(write_spec(tmp_path, "two", **common, report_shards=True, args=training_args(
+        two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
+    assert_same_run(one, two, "adapter_model.safetensors")
+    assert_sharded(two, ["uint8"] if load_in_4bit else ["float32"])
+    if not load_in_4bit and not checkpointing:
+        # The adapter's checkpoint, gathered from 2 ranks, resumes on 1.
+        on_one = tmp_path / "on_one"
+        run_one_process(write_spec(tmp_path, "on_one", **common, resume=str(two / "checkpoint-2"),
+                                   args=training_args(on_one, batch_size=4, **kw)))  # fmt: skip
+        assert_resumed_final_step(on_one, two, "adapter_model.safetensors")
+
+
+def test_fsdp2_full_finetuning_with_checkpoints_and_mlp_tiles_matches_one_rank(folder, tmp_path):
+    common = dict(model=folder, lora=False, examples=10, data_seed=2, eval_examples=3, checkpointing=True,
+                  mlp_tile_tokens=7)  # fmt: skip
+    kw = dict(packing=False, lr_scheduler="cosine", warmup_steps=1, weight_decay=0.01, max_grad_norm=0.5,
+              gradient_accumulation_steps=2)  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
+    run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
+        two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
+    assert_same_run(one, two, "trainable.safetensors")
 
 
 @pytest.fixture(scope="module")

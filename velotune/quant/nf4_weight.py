@@ -27,6 +27,8 @@ from velotune.errors import KernelError
 from velotune.quant.nf4 import NF4Tensor, dequantize_nf4
 
 _FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "nested_offset")
+# The fields with one value per element or per block; the others are small tables (273 floats).
+_PER_ELEMENT = ("data", "absmax", "nested_absmax")
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -117,9 +119,25 @@ class NF4Weight(nn.Module):
         self._parts.append((row0, rows, q.dtype, q.blocksize, q.nested_blocksize))
         self._views = None
 
+    def store_as_parameters(self) -> None:
+        """Keeps the packed codes and block scales as frozen parameters (requires_grad=False) instead of
+        buffers, under the same names, so that FSDP2 shards them over the ranks like any weight (1-D, so
+        along their length); the code tables and offset stay buffers, whole on every rank. Sharded, the
+        parameters are whole inside the layer's forward and backward only, which is when they are read."""
+        for index in range(len(self._parts)):
+            for field in _PER_ELEMENT:
+                name = f"part{index}_{field}"
+                t = self._buffers.get(name)
+                if t is not None:
+                    del self._buffers[name]
+                    self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        self._views = None
+
     def parts(self) -> list[tuple[int, NF4Tensor]]:
         """(first row, NF4Tensor) of every part, in row order."""
-        if self._views is not None:
+        # Parameters may be swapped for other tensors (FSDP2 swaps shards and whole tensors around each
+        # forward): only buffers are read once.
+        if self._views is not None and not self._parameters:
             return self._views
         out = []
         for index, (row0, rows, dtype, blocksize, nested_blocksize) in enumerate(self._parts):
@@ -179,6 +197,11 @@ class NF4Weight(nn.Module):
             if buf is not None:
                 moved = fn(buf)
                 self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        for key, param in self._parameters.items():  # after store_as_parameters
+            if param is not None:
+                moved = fn(param.data)
+                moved = moved if moved.dtype == param.dtype else param.data.to(moved.device)
+                self._parameters[key] = nn.Parameter(moved, requires_grad=False)
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._device))
         self.compute_dtype, self._device = probe.dtype, probe.device
         self._views = None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -115,28 +116,22 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class _FullTrainables:
-    """What `checkpoint.save_checkpoint` / `trainable_state` read from a model: the gathered tensors."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def named_parameters(self):
-        for name, t in self.tensors.items():
-            yield name, nn.Parameter(t, requires_grad=True)
-
-
-class _FullOptimizerState:
+class _WholeOptimizerState:
     """What `checkpoint.save_checkpoint` reads from an optimizer (state_dict), or writes into one
-    (load_state_dict): the one-process layout, resharded to the live parameters on the way in."""
+    (load_state_dict): the one-process layout, split into the live shards or partitions on the way in."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, state: dict | None = None):
-        self.optimizer, self.state = optimizer, state
+    def __init__(self, parallel: Parallel, optimizer: torch.optim.Optimizer, state: dict | None = None):
+        self.parallel, self.optimizer, self.state = parallel, optimizer, state
 
     def state_dict(self) -> dict:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.parallel.strategy == "deepspeed":
+            from velotune.train import zero
+
+            zero.load_optimizer_state(self.parallel.engine, self.optimizer, self.parallel.param_groups, state)
+            return
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -152,6 +147,25 @@ class _FullOptimizerState:
         self.optimizer.load_state_dict({**state, "state": resharded})
 
 
+class _Trainables:
+    """A stand-in model for `checkpoint.load_trainables`: named trainable parameters holding whole
+    tensors, written into ZeRO's partitions afterwards (`zero.load_parameters`)."""
+
+    def __init__(self, model: nn.Module):
+        self.live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.whole = {
+            n: nn.Parameter(torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype), requires_grad=True)
+            for n, p in self.live.items()
+        }
+
+    def named_parameters(self):
+        yield from self.whole.items()
+
+
+def _run_as_forward(layer: nn.Module, fn, *args):
+    return fn(layer, *args)
+
+
 class Parallel:
     """The few things the trainer does differently on several processes. With one process every method
     is the plain one-process behaviour, so the trainer calls them unconditionally.
@@ -159,15 +173,28 @@ class Parallel:
     Args:
         strategy: "auto", "ddp" or "fsdp" (ignored with one process).
         ranks: this process's rank and the world size (default: from the environment).
+        deepspeed: a DeepSpeed config (file or dict, see `velotune.train.zero`): DeepSpeed's engine runs the
+            training instead, with one process or many.
     """
 
-    def __init__(self, strategy: str = "auto", ranks: Ranks | None = None):
+    def __init__(
+        self, strategy: str = "auto", ranks: Ranks | None = None, deepspeed: str | dict | None = None
+    ):
         if strategy not in STRATEGIES:
             raise ConfigError(f"parallel={strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        if deepspeed and strategy != "auto":
+            raise ConfigError(
+                f"training.deepspeed and parallel={strategy!r} both pick how to train on several processes; "
+                "keep parallel: auto with a DeepSpeed config, or remove training.deepspeed."
+            )
         self.ranks = ranks or ranks_from_env()
         self.requested = strategy
+        self.deepspeed = deepspeed
         self.strategy = "none"
         self.wrapped: nn.Module | None = None
+        self.model: nn.Module | None = None
+        self.engine = None  # DeepSpeed's engine
+        self.param_groups: list[list[nn.Parameter]] = []  # the optimizer's groups before ZeRO flattened them
 
     @property
     def world_size(self) -> int:
@@ -183,35 +210,57 @@ class Parallel:
     def wrap(self, model: nn.Module, has_adapter: bool) -> nn.Module:
         """The module to call for forward passes (the model itself with one process).
 
-        FSDP2 replaces the model's parameters by sharded ones in place, so build the optimizer after this.
+        FSDP2 replaces the model's parameters by sharded ones in place, so build the optimizer after this,
+        then call `attach` with it.
         """
         if self.wrapped is not None:
             return self.wrapped
-        if self.ranks.world_size <= 1:
+        self.model = model
+        if self.ranks.world_size <= 1 and not self.deepspeed:
             self.wrapped = model
             return model
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            init_from_env()
-        strategy = self.requested
+            init_from_env() if self.ranks.world_size > 1 else _init_single_process()
+        strategy = "deepspeed" if self.deepspeed else self.requested
         if strategy == "auto":
             strategy = "ddp" if has_adapter else "fsdp"
-        if strategy == "fsdp" and has_adapter:
-            raise ConfigError(
-                "parallel='fsdp' with a LoRA adapter is not supported yet; use parallel='ddp' (only the adapter "
-                "gradients are all-reduced) or full_finetuning with fsdp."
-            )
         self.strategy = strategy
         if hasattr(model, "keep_embedding_on_host"):
-            # DDP and FSDP2 want every parameter on the rank's device.
+            # DDP, FSDP2 and ZeRO want every parameter on the rank's device.
             model.keep_embedding_on_host(False)
         if strategy == "ddp":
             self.wrapped = self._ddp(model)
-        else:
+        elif strategy == "fsdp":
             self.wrapped = self._fsdp(model)
-        logger.info("rank %d of %d: %s", self.ranks.rank, self.world_size, strategy.upper())
+        else:
+            self.wrapped = model  # the engine needs the optimizer: see attach
+        logger.info("rank %d of %d: %s", self.ranks.rank, self.ranks.world_size, strategy.upper())
         return self.wrapped
+
+    def attach(self, optimizer: torch.optim.Optimizer, args) -> nn.Module:
+        """After the optimizer is built: the module to call for forward passes from now on. Under DeepSpeed
+        this creates the engine, which partitions the optimizer (its learning rates stay settable).
+
+        Args:
+            optimizer: the AdamW over the trainable parameters.
+            args: the TrainingArguments (batch size, accumulation, clipping, precision for DeepSpeed's config).
+        """
+        if self.strategy != "deepspeed" or self.engine is not None:
+            return self.wrapped
+        from velotune.train import zero
+
+        config = zero.build_config(
+            self.deepspeed, batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps,
+            world_size=self.ranks.world_size, max_grad_norm=args.max_grad_norm,
+            mixed_precision=args.mixed_precision, optim=args.optim,
+        )  # fmt: skip
+        self.param_groups = [list(group["params"]) for group in optimizer.param_groups]
+        self.engine = zero.initialize(self.model, optimizer, config)
+        self.wrapped = self.engine
+        logger.info("DeepSpeed ZeRO stage %d", zero.stage_of(config))
+        return self.engine
 
     def _ddp(self, model: nn.Module) -> nn.Module:
         import torch.distributed as dist
@@ -234,17 +283,24 @@ class Parallel:
         )
 
     def _fsdp(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        if getattr(model, "gradient_checkpointing", False) or getattr(model, "mlp_tile_tokens", None):
-            # velotune.memory's recompute hands the layer's parameters to its autograd function directly,
-            # which FSDP2's sharded parameters do not support.
-            raise ConfigError(
-                "parallel='fsdp' does not work with gradient checkpointing or MLP sequence tiling yet; set "
-                "training.gradient_checkpointing: false (and lora.gradient_checkpointing: false), or use ddp."
-            )
+        from velotune.memory.checkpoint import SHARDED_CALL
+        from velotune.quant.nf4_weight import NF4Weight
+
+        # 4-bit weights: the packed codes and block scales shard like any frozen weight (uint8 and float32
+        # parameters without gradients, gathered per layer with the rest); the code tables stay buffers.
+        for module in model.modules():
+            if isinstance(module, NF4Weight):
+                module.store_as_parameters()
         for layer in model.layers:
+            # One unit per decoder layer: its frozen base weights and its trainable ones (LoRA, or all of
+            # them) are sharded and gathered together; only parameters with gradients are reduce-scattered.
             fully_shard(layer)
+            # Checkpointing and MLP tiling run the layer's halves outside layer.forward; this method makes
+            # those steps a forward of the layer too (see velotune.memory.checkpoint.SHARDED_CALL).
+            setattr(layer, SHARDED_CALL, types.MethodType(_run_as_forward, layer))
+            register_fsdp_forward_method(layer, SHARDED_CALL)
         fully_shard(model)
         return model
 
@@ -260,8 +316,11 @@ class Parallel:
         mine = rows[self.ranks.rank * batch_size : (self.ranks.rank + 1) * batch_size]
         return (mine, False) if mine else (rows[:1], True)
 
+    # ------------------------------------------------------------------------------------ step
+
     def sync_gradients(self, last_micro_batch: bool):
-        """Gradients are reduced after the last micro-batch of a step only (DDP no_sync / FSDP2's flag)."""
+        """Gradients are reduced after the last micro-batch of a step only (DDP no_sync / FSDP2's flag;
+        DeepSpeed counts the micro-batches itself)."""
         if self.strategy == "ddp" and not last_micro_batch:
             return self.wrapped.no_sync()
         if self.strategy == "fsdp":
@@ -270,8 +329,21 @@ class Parallel:
 
     @property
     def loss_scale(self) -> int:
-        """DDP and FSDP2 average gradients over ranks; the loss is already over the global label count."""
+        """DDP, FSDP2 and DeepSpeed average gradients over ranks; the loss is already over the global label
+        count."""
         return self.world_size
+
+    def backward(self, loss: torch.Tensor, scaler=None) -> None:
+        """The backward of one micro-batch. Under DeepSpeed it is the engine's backward and step: the engine
+        reduces, clips and steps the optimizer itself at the last micro-batch of an optimizer step, and
+        the trainer then skips its own clipping and step."""
+        if self.world_size > 1:
+            loss = loss * self.loss_scale
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+            return
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def sum(self, values: list[float], device) -> list[float]:
         """Sums numbers over ranks (one all-reduce)."""
@@ -289,61 +361,88 @@ class Parallel:
 
             dist.barrier()
 
-    @contextlib.contextmanager
-    def gathered_for_forward(self):
-        """FSDP2 units unsharded for forwards that call layer halves directly (evaluation's tiled path)."""
-        if self.strategy != "fsdp":
-            yield
-            return
-        units = [layer for layer in self.wrapped.layers]
-        for unit in units:
-            unit.unshard()
-        try:
-            yield
-        finally:
-            for unit in units:
-                unit.reshard()
-
     def grad_norm(self, norm) -> float | torch.Tensor | None:
+        """The step's gradient norm before clipping (DeepSpeed: the engine's)."""
+        if self.engine is not None:
+            return self.engine.get_global_grad_norm()
         return None if norm is None else _full(norm)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def full_trainables(self, model: nn.Module):
-        """A stand-in for `model` whose trainable tensors are whole (a collective under FSDP2)."""
-        if self.strategy != "fsdp":
-            return model
-        return _FullTrainables(
-            {
-                n: _full(p.detach()).to("cpu").contiguous()
-                for n, p in model.named_parameters()
-                if p.requires_grad
-            }
-        )
+    def _whole(self, p: nn.Parameter) -> torch.Tensor:
+        if self.strategy == "deepspeed":
+            from velotune.train import zero
 
-    def full_views(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        """(model, optimizer) stand-ins whose state is whole, in the one-process layout (a collective under
-        FSDP2: every rank calls it; only rank 0 needs the result)."""
+            return zero.whole_parameter(p)
+        return _full(p.detach())
+
+    @contextlib.contextmanager
+    def whole_trainables(self, model: nn.Module):
+        """Inside, the model's trainable parameters are whole tensors on the CPU, as one process holds them,
+        so that saving code (`trainable_state`, `save_pretrained`) reads them unchanged. A collective under
+        FSDP2 and DeepSpeed: every rank enters; nothing may run the model inside."""
+        if self.strategy not in ("fsdp", "deepspeed"):
+            yield model
+            return
+        whole: dict[int, nn.Parameter] = {}
+        swapped = []
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or not p.requires_grad:
+                    continue
+                if id(p) not in whole:  # a tied parameter is gathered once
+                    whole[id(p)] = nn.Parameter(self._whole(p).to("cpu").contiguous(), requires_grad=True)
+                module._parameters[name] = whole[id(p)]
+                swapped.append((module, name, p))
+        try:
+            yield model
+        finally:
+            for module, name, p in swapped:
+                module._parameters[name] = p
+
+    def whole_optimizer(self, optimizer: torch.optim.Optimizer):
+        """An optimizer stand-in whose state_dict() is the one-process layout (a collective under FSDP2 and
+        DeepSpeed: every rank calls it; only rank 0 needs the result)."""
+        if self.strategy == "deepspeed":
+            from velotune.train import zero
+
+            return _WholeOptimizerState(self, optimizer, zero.optimizer_state(optimizer, self.param_groups))
         if self.strategy != "fsdp":
-            return model, optimizer
-        tensors = self.full_trainables(model)
+            return optimizer
         saved = optimizer.state_dict()
         state = {
             index: {k: _full(v).to("cpu") if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             for index, values in sorted(saved["state"].items())
         }
-        return tensors, _FullOptimizerState(optimizer, {"state": state,
-                                                                        "param_groups": saved["param_groups"]})  # fmt: skip
+        return _WholeOptimizerState(self, optimizer, {"state": state, "param_groups": saved["param_groups"]})
 
     @contextlib.contextmanager
-    def loading(self, optimizer: torch.optim.Optimizer):
-        """Context for `checkpoint.load_checkpoint`: yields the optimizer to load into; under FSDP2 the whole
-        tensors on disk are copied into the local shards (each rank reads the file itself)."""
+    def loading(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """Context for `checkpoint.load_checkpoint`: yields the (model, optimizer) to load into. Each rank
+        reads the whole tensors on disk itself; under FSDP2 they are copied into the local shards, under
+        DeepSpeed into ZeRO's partitions when the context closes."""
+        if self.strategy == "deepspeed":
+            from velotune.train import zero
+
+            stand_in = _Trainables(model)
+            yield stand_in, _WholeOptimizerState(self, optimizer)
+            zero.load_parameters(
+                self.engine, {stand_in.live[n]: p.detach() for n, p in stand_in.whole.items()}
+            )
+            return
         if self.strategy != "fsdp":
-            yield optimizer
+            yield model, optimizer
             return
         from torch.distributed.tensor.experimental import implicit_replication
 
         # Inside, plain tensors act as replicated DTensors: param.copy_(whole) keeps this rank's shard.
         with implicit_replication():
-            yield _FullOptimizerState(optimizer)
+            yield model, _WholeOptimizerState(self, optimizer)
+
+
+def _init_single_process() -> None:
+    """A process group of one (DeepSpeed needs one even when it runs alone)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -67,6 +67,8 @@ class TrainingArguments:
         report_to: "none" or "tensorboard".
         parallel: with several processes (torchrun / accelerate launch): "auto" (DDP with LoRA, FSDP2 for full
             fine-tuning), "ddp" or "fsdp". batch_size is per process. See velotune.train.distributed.
+        deepspeed: a DeepSpeed config file (ZeRO-2 / ZeRO-3): DeepSpeed's engine trains instead (launch with the
+            `deepspeed` launcher; parallel stays "auto"). See velotune.train.zero.
     """
 
     output_dir: str = "outputs"
@@ -98,6 +100,7 @@ class TrainingArguments:
     progress: bool = True
     report_to: str = "none"
     parallel: str = "auto"
+    deepspeed: str | None = None
     extra: dict = field(default_factory=dict, repr=False)  # free-form, saved with checkpoints
 
     def __post_init__(self):
@@ -164,7 +167,7 @@ class Trainer:
         }
         self.optimizer = self.scheduler = self.scaler = None
         # Ranks come from the environment (torchrun / accelerate); one process: everything as before.
-        self.parallel = Parallel(self.args.parallel)
+        self.parallel = Parallel(self.args.parallel, deepspeed=self.args.deepspeed)
         self._forward = model
 
     # ------------------------------------------------------------------------------------ helpers
@@ -253,11 +256,13 @@ class Trainer:
         if args.mixed_precision == "fp16":
             self.scaler = torch.amp.GradScaler(model.device.type)
         self.state.update(max_steps=max_steps, global_step=0)
+        # DeepSpeed's engine takes over the model and the optimizer here (a no-op otherwise).
+        self._forward = par.attach(self.optimizer, args)
 
         path = ckpt.resolve(resume_from_checkpoint, args.output_dir)
         if path is not None:
-            with par.loading(self.optimizer) as optimizer:
-                saved, extra = ckpt.load_checkpoint(path, model, optimizer, self.scheduler)
+            with par.loading(model, self.optimizer) as (into, optimizer):
+                saved, extra = ckpt.load_checkpoint(path, into, optimizer, self.scheduler)
             self.state.update(saved, max_steps=max_steps)
             if self.scaler is not None and "scaler" in extra:
                 self.scaler.load_state_dict(extra["scaler"])
@@ -289,19 +294,22 @@ class Trainer:
                 with par.sync_gradients(i == len(micro) - 1):
                     with self._autocast():
                         loss = self._forward(**self._to_device(batch), num_items_in_batch=n_items).loss
-                    scaled = loss * par.loss_scale if par.world_size > 1 else loss
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    par.backward(loss, self.scaler)
                 loss_acc += loss.detach()
                 real_tokens += real
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if args.max_grad_norm:
-                grad_norm = par.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if par.engine is not None:
+                # DeepSpeed clipped and stepped at the last micro-batch's backward (Parallel.backward).
+                grad_norm = par.grad_norm(None) if args.max_grad_norm else None
             else:
-                self.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                if args.max_grad_norm:
+                    grad_norm = par.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -345,18 +353,17 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, count = torch.zeros((), device=self.model.device), 0
-        with par.gathered_for_forward():
-            for rows in plan.epoch(0):
-                batch, _ = self._collate(data, rows)
-                n = num_label_tokens(batch)
-                if n == 0 and par.world_size == 1:
-                    continue
-                with self._autocast():
-                    # num_items_in_batch=1 turns the mean into the summed token loss.
-                    total += self._forward(
-                        **self._to_device(batch), num_items_in_batch=1, return_logits=False
-                    ).loss.float()
-                count += n
+        for rows in plan.epoch(0):
+            batch, _ = self._collate(data, rows)
+            n = num_label_tokens(batch)
+            if n == 0 and par.world_size == 1:
+                continue
+            with self._autocast():
+                # num_items_in_batch=1 turns the mean into the summed token loss.
+                total += self._forward(
+                    **self._to_device(batch), num_items_in_batch=1, return_logits=False
+                ).loss.float()
+            count += n
         self.model.train(was_training)
         total, count = par.sum([total.item(), count], self.model.device)
         return total / max(count, 1)
@@ -369,13 +376,14 @@ class Trainer:
         state["args"] = {k: v for k, v in asdict(self.args).items()}
         extra = {"scaler": self.scaler.state_dict()} if self.scaler is not None else None
         adapter = self.model.save_pretrained if _has_adapter(self.model) else None
-        # Whole tensors in the one-process layout (gathered from every rank under FSDP2), written by rank 0.
-        model, optimizer = self.parallel.full_views(self.model, self.optimizer)
         path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if self.parallel.is_main:
-            path = ckpt.save_checkpoint(self.args.output_dir, step, model, optimizer, self.scheduler, state, extra,
-                                        adapter)  # fmt: skip
-            ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
+        # Whole tensors in the one-process layout (gathered from every rank under FSDP2 / ZeRO), by rank 0.
+        with self.parallel.whole_trainables(self.model) as model:
+            optimizer = self.parallel.whole_optimizer(self.optimizer)
+            if self.parallel.is_main:
+                path = ckpt.save_checkpoint(self.args.output_dir, step, model, optimizer, self.scheduler, state,
+                                            extra, adapter)  # fmt: skip
+                ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
         self.parallel.barrier()
         self._emit("on_save", path)
         return path
@@ -386,18 +394,19 @@ class Trainer:
 
         folder = output_dir or self.args.output_dir
         adapter = _has_adapter(self.model)
-        model = self.model if adapter else self.parallel.full_trainables(self.model)
-        if self.parallel.is_main:
-            os.makedirs(folder, exist_ok=True)
-            if adapter:
-                self.model.save_pretrained(folder)
-            else:
-                save_file(
-                    ckpt.trainable_state(model),
-                    os.path.join(folder, ckpt.TRAINABLE),
-                    metadata={"format": "pt"},
-                )
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(folder)
+        # Whole trainable tensors (gathered from every rank under FSDP2 / ZeRO), written by rank 0.
+        with self.parallel.whole_trainables(self.model) as model:
+            if self.parallel.is_main:
+                os.makedirs(folder, exist_ok=True)
+                if adapter:
+                    model.save_pretrained(folder)
+                else:
+                    save_file(
+                        ckpt.trainable_state(model),
+                        os.path.join(folder, ckpt.TRAINABLE),
+                        metadata={"format": "pt"},
+                    )
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(folder)
         self.parallel.barrier()
         return folder
