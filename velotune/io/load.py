@@ -1,8 +1,12 @@
 """Builds a `DecoderModel` from a Hugging Face folder and streams its weights in.
 
-Parameters are created empty on the target device in the target dtype, then every checkpoint
-tensor is read, checked against the shape the config implies, converted and copied into place
-one at a time: host memory stays near one tensor, device memory near the model itself.
+The model is first built on the meta device (no memory), and every checkpoint tensor's shape, taken
+from the validated file headers, is checked against the shape config.json implies, and every
+parameter checked to be covered, before anything is allocated: a config.json that disagrees with
+its weights (or a hostile one, vocab_size=10**12) fails with a CheckpointError instead of allocating
+what the files cannot back. Parameters are then created empty on the target device in the target
+dtype, and each checkpoint tensor is read, converted and copied into place one at a time: host
+memory stays near one tensor, device memory near the model itself.
 
 With `load_in_4bit` the decoder's projections hold `NF4Weight`s instead: each checkpoint tensor
 (q_proj, k_proj, ... separately) is moved to the device in the model dtype, quantized there and
@@ -19,9 +23,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from velotune.errors import CheckpointError, ConfigError
-from velotune.io.hf_folder import read_config, weight_files
-from velotune.io.safetensors_reader import read_header
+from velotune.errors import CheckpointError, ConfigError, VelotuneError
+from velotune.io.hf_folder import WeightFiles, read_config, weight_files
+from velotune.io.safetensors_reader import DTYPE_SIZES, open_safetensors, read_header
 from velotune.models.decoder import DecoderModel
 from velotune.models.families import family_of
 from velotune.models.families.common import TensorSlot
@@ -49,19 +53,33 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+def build_spec(cfg: dict, folder: str) -> ArchSpec:
+    """The family's ArchSpec of a config.json whose values `read_config` has type-checked.
+
+    Families read further keys (rope_scaling's entries, layer_types, ...) and assume them well
+    formed; any value they cannot use is reported as the ConfigError it is, naming the folder.
+    """
+    family = family_of(cfg.get("model_type"))
+    try:
+        return family.build_spec(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+        if isinstance(exc, VelotuneError):  # already says what is wrong
+            raise
+        raise ConfigError(
+            f"{folder}/config.json holds a value velotune cannot use ({type(exc).__name__}: {exc}). "
+            "Check the config against the model's original config.json."
+        ) from exc
+
+
 def spec_from_folder(folder: str) -> tuple[dict, ArchSpec]:
     cfg = read_config(folder)
-    family = family_of(cfg.get("model_type"))
-    return cfg, family.build_spec(cfg)
+    return cfg, build_spec(cfg, folder)
 
 
-def empty_model(
-    spec: ArchSpec,
-    device: torch.device,
-    dtype: torch.dtype,
-    model_cls=DecoderModel,
-    load_in_4bit: bool = False,
+def meta_model(
+    spec: ArchSpec, dtype: torch.dtype, model_cls=DecoderModel, load_in_4bit: bool = False
 ) -> DecoderModel:
+    """The model on the meta device (shapes, no memory), in `dtype`, with NF4 projections if asked."""
     with torch.device("meta"):
         model = model_cls(spec)
     if load_in_4bit:
@@ -75,7 +93,17 @@ def empty_model(
                 "load_in_4bit: MoE experts and router stay in %s; attention projections are 4-bit.", dtype
             )
     # Cast on meta (free) before allocating, so the device never holds a float32 copy.
-    return model.to(dtype).to_empty(device=device)
+    return model.to(dtype)
+
+
+def empty_model(
+    spec: ArchSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_cls=DecoderModel,
+    load_in_4bit: bool = False,
+) -> DecoderModel:
+    return meta_model(spec, dtype, model_cls, load_in_4bit).to_empty(device=device)
 
 
 def _row_range(index: tuple, rows: int, name: str) -> tuple[int, int]:
@@ -90,44 +118,43 @@ def _row_range(index: tuple, rows: int, name: str) -> tuple[int, int]:
     )
 
 
+def _expected_shape(target, index: tuple, name: str) -> tuple[int, ...]:
+    """The shape config.json implies for the checkpoint tensor that fills `target[index]`."""
+    if isinstance(target, NF4Weight):
+        return _row_range(index, target.out_features, name)[1], target.in_features
+    return tuple((target[index] if index else target).shape)
+
+
+def _shape_mismatch(path: str, name: str, shape, expected) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: tensor {name} has shape {list(shape)} but config.json implies {list(expected)}. "
+        "The config and the weights disagree: check that config.json belongs to these weights."
+    )
+
+
 def _place(target, index: tuple, name: str, shape: tuple, value: NF4Tensor | None, read, path: str) -> None:
     """Puts one checkpoint tensor into its parameter or 4-bit weight: `value` when the checkpoint
     holds it pre-quantized, else `read()` (the dense tensor)."""
-    if isinstance(target, NF4Weight):
-        row0, rows = _row_range(index, target.out_features, name)
-        expected = (rows, target.in_features)
-    else:
-        view = target[index] if index else target
-        expected = tuple(view.shape)
+    expected = _expected_shape(target, index, name)
     if shape != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name} has shape {list(shape)} but config.json implies {list(expected)}. "
-            "The config and the weights disagree: check that config.json belongs to these weights."
-        )
+        raise _shape_mismatch(path, name, shape, expected)
     with torch.no_grad():
         if isinstance(target, NF4Weight):
             if value is None:
                 # Quantized from the model dtype, as Transformers + bitsandbytes quantize after the cast.
                 value = quantize_nf4(read().to(device=target.device, dtype=target.dtype))
-            target.set_part(row0, value)
-        elif value is not None:
-            view.copy_(dequantize_nf4(value.to(view.device), view.dtype))
+            target.set_part(_row_range(index, target.out_features, name)[0], value)
         else:
-            view.copy_(read())
+            view = target[index] if index else target
+            if value is not None:
+                view.copy_(dequantize_nf4(value.to(view.device), view.dtype))
+            else:
+                view.copy_(read())
 
 
-def _checkpoint_entries(path: str, fmt: str):
-    """(name, shape, loader) for each tensor of one file, without reading tensor data yet."""
-    if fmt == "safetensors":
-        from safetensors import safe_open
-
-        header = read_header(path)
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            for name, info in header.items():
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                yield name, tuple(info["shape"]), dtype, (lambda n=name: handle.get_tensor(n))
-        return
-    # Pickled checkpoints are read with weights_only=True: tensors only, no code can run.
+def _load_pickle(path: str) -> dict[str, torch.Tensor]:
+    # Pickled checkpoints are read with weights_only=True: tensors only, no code can run. mmap keeps
+    # host memory near one tensor.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -136,8 +163,104 @@ def _checkpoint_entries(path: str, fmt: str):
             "Transformers (`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`) "
             "in an environment you trust."
         ) from exc
-    for name, tensor in state.items():
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a mapping of tensor names to tensors; it is not a checkpoint.")
+    return state
+
+
+def _checkpoint_entries(path: str, fmt: str):
+    """(name, shape, loader) for each tensor of one file, without reading tensor data yet."""
+    if fmt == "safetensors":
+        with open_safetensors(path) as (header, read):
+            for name, info in header.items():
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                yield name, tuple(info["shape"]), dtype, (lambda n=name: read(n))
+        return
+    for name, tensor in _load_pickle(path).items():
         yield name, tuple(tensor.shape), tensor.dtype, (lambda t=tensor: t)
+
+
+def checkpoint_inventory(files: WeightFiles) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """{tensor name: (file, shape, bytes)} of every checkpoint tensor, from the validated headers
+    (safetensors) or a memory-mapped, tensors-only read (pickle): no tensor data is read."""
+    inventory = {}
+    for path in files.paths:
+        if files.format == "safetensors":
+            entries = ((n, i["shape"], DTYPE_SIZES[i["dtype"]]) for n, i in read_header(path).items())
+        else:
+            entries = ((n, t.shape, t.element_size()) for n, t in _load_pickle(path).items())
+        for name, shape, itemsize in entries:
+            if name in inventory:
+                raise CheckpointError(f"tensor {name} appears in both {inventory[name][0]} and {path}.")
+            inventory[name] = (path, tuple(shape), math.prod(shape) * itemsize)
+    return inventory
+
+
+def _targets(model: DecoderModel) -> dict[str, torch.Tensor | NF4Weight]:
+    """What checkpoint tensors fill: every parameter, and every 4-bit projection weight."""
+    targets: dict[str, torch.Tensor | NF4Weight] = dict(model.named_parameters())
+    for path, module in model.named_modules():
+        if isinstance(module, Projection) and isinstance(module.weight, NF4Weight):
+            targets[f"{path}.weight"] = module.weight
+    return targets
+
+
+def _numel(target) -> int:
+    return math.prod(target.shape)
+
+
+def _check_filled(targets: dict, filled: dict[str, int], slots: dict[str, TensorSlot], folder: str) -> None:
+    incomplete = [name for name, t in targets.items() if filled[name] != _numel(t)]
+    if not incomplete:
+        return
+    overfilled = [name for name in incomplete if filled[name] > _numel(targets[name])]
+    if overfilled:
+        raise CheckpointError(f"{folder}: tensors for {overfilled} appear more than once across the shards.")
+    missing = sorted(k for k, s in slots.items() if s.internal in incomplete)
+    raise CheckpointError(
+        f"{folder}: the checkpoint lacks {len(missing)} tensor(s) this config needs, e.g. {missing[:5]}. "
+        "The download may be incomplete or config.json may belong to another model."
+    )
+
+
+def check_checkpoint_fits(
+    model: DecoderModel,
+    folder: str,
+    slots: dict[str, TensorSlot],
+    inventory: dict[str, tuple[str, tuple[int, ...], int]],
+    quantized: set[str] = frozenset(),
+) -> None:
+    """Before allocation: every tensor the (meta) model needs is in the checkpoint with the shape
+    config.json implies, and nothing is covered twice. Then the model's size is the checkpoint's,
+    whatever config.json claims.
+
+    A bitsandbytes-packed weight (named in `quantized`) holds ceil(numel / 2) bytes of 4-bit codes;
+    its companions (absmax, quant state...) are checked when they are read.
+    """
+    targets = _targets(model)
+    filled = {name: 0 for name in targets}
+    for name, (path, shape, nbytes) in inventory.items():
+        if quantized and split_name(name)[1]:
+            continue  # a quantized weight's companion
+        slot = slots.get(name)
+        if slot is None:
+            continue  # unused tensors are reported (not refused) while loading
+        if slot.internal not in targets:
+            raise CheckpointError(f"{path}: tensor {name} maps to {slot.internal}, which this model lacks.")
+        expected = _expected_shape(targets[slot.internal], slot.index, name)
+        if name in quantized:
+            if nbytes != (math.prod(expected) + 1) // 2:
+                raise CheckpointError(
+                    f"{path}: 4-bit tensor {name} holds {nbytes} bytes but config.json implies shape "
+                    f"{list(expected)} ({(math.prod(expected) + 1) // 2} bytes of NF4 codes). Check that "
+                    "config.json belongs to these weights."
+                )
+        elif shape != expected:
+            raise _shape_mismatch(path, name, shape, expected)
+        filled[slot.internal] += math.prod(expected)
+    _check_filled(targets, filled, slots, folder)
 
 
 def load_weights(
@@ -148,10 +271,7 @@ def load_weights(
     prequantized: bool = False,
 ) -> None:
     files = weight_files(folder)
-    params: dict[str, torch.Tensor | NF4Weight] = dict(model.named_parameters())
-    for path, module in model.named_modules():
-        if isinstance(module, Projection) and isinstance(module.weight, NF4Weight):
-            params[f"{path}.weight"] = module.weight
+    params = _targets(model)
     filled = {name: 0 for name in params}
     unexpected = []
     quantized, collector = set(), NF4Collector()
@@ -188,16 +308,7 @@ def load_weights(
             f"{folder}: {len(parts)} quantized tensor(s) lack some of their parts (weight, absmax, quant_map, "
             f"quant_state...), e.g. {dict(list(parts.items())[:3])}. The checkpoint is incomplete."
         )
-    incomplete = [name for name, p in params.items() if filled[name] != p.numel()]
-    if incomplete:
-        missing = sorted(k for k, s in slots.items() if s.internal in incomplete)
-        overfilled = [name for name in incomplete if filled[name] > params[name].numel()]
-        if overfilled:
-            raise CheckpointError(f"{folder}: tensors for {overfilled} appear more than once across the shards.")
-        raise CheckpointError(
-            f"{folder}: the checkpoint lacks {len(missing)} tensor(s) this config needs, e.g. {missing[:5]}. "
-            "The download may be incomplete or config.json may belong to another model."
-        )
+    _check_filled(params, filled, slots, folder)
     if unexpected:
         logger.warning("ignored %d checkpoint tensor(s) this model does not use, e.g. %s", len(unexpected), unexpected[:5])
 
@@ -245,22 +356,32 @@ def load_model(
     model_cls=DecoderModel,
     load_in_4bit: bool = False,
 ) -> DecoderModel:
-    cfg, spec = spec_from_folder(folder)
+    cfg = read_config(folder)
+    family = family_of(cfg.get("model_type"))
     prequantized = is_bnb_quantized(cfg)
     if prequantized:
         check_bnb_config(cfg, folder)
         if not load_in_4bit:
             logger.info("%s is pre-quantized (bitsandbytes NF4): dequantizing it into 16-bit weights", folder)
-    family = family_of(cfg["model_type"])
-    # Every shard is present and every header valid before anything is allocated.
+    # Every shard is present and every header valid before anything is built or allocated.
     files = weight_files(folder)
-    if files.format == "safetensors":
-        for path in files.paths:
-            read_header(path)
+    inventory = checkpoint_inventory(files)
+    spec = build_spec(cfg, folder)
     device = resolve_device(device_map)
     dtype = resolve_dtype(dtype, device)
-    model = empty_model(spec, device, dtype, model_cls, load_in_4bit)
-    load_weights(model, folder, family.tensor_slots(spec), progress=progress, prequantized=prequantized)
+    slots = family.tensor_slots(spec)
+    try:
+        model = meta_model(spec, dtype, model_cls, load_in_4bit)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        if isinstance(exc, VelotuneError):
+            raise
+        # Sizes whose products overflow even a shape-only (meta) tensor: no checkpoint can back them.
+        raise ConfigError(f"{folder}/config.json gives sizes no model can have ({exc}).") from exc
+    # Only safetensors checkpoints are read as pre-quantized (see load_weights).
+    quantized = quantized_weight_names(inventory) if prequantized and files.format == "safetensors" else set()
+    check_checkpoint_fits(model, folder, slots, inventory, quantized)
+    model = model.to_empty(device=device)
+    load_weights(model, folder, slots, progress=progress, prequantized=prequantized)
     model.max_seq_length = max_seq_length
     model.config_dict = cfg
     model.name_or_path = folder
