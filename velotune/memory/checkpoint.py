@@ -14,10 +14,11 @@
                about 7x the per-layer GPU memory of "full" at Llama-8B shapes.
 
 `model.mlp_tile_tokens`: the MLP half runs over tiles of this many tokens (`velotune.memory.tiled`).
-None (default): whenever tiling costs no extra compute (under checkpointing, or without a graph),
-8192 tokens, or under "offload" (the least-memory mode) as many tokens as keep one [tile,
-intermediate] bf16 tensor within 32 MiB (1,024 at Llama-8B, 2,048 at Llama-1B); off otherwise;
-0: never; n: always (without checkpointing this recomputes the MLP once more).
+None (default): 8192 whenever tiling costs no extra compute (under checkpointing, or without a
+graph), off otherwise; 0: never; n: always (without checkpointing this recomputes the MLP once more).
+Smaller default tiles were measured and rejected: each tile costs ~4 ms of host time per layer
+(launches and autograd bookkeeping of the LoRA projections), so 1,024-token tiles at Llama-8B, 2 x 2048
+made the step 1.9x slower on an H100 (benchmarks/NOTES.md) for 0.45 GiB less memory.
 
 Every mode gives the same loss and gradients: bitwise on CPU in float32 when no tiling happens.
 The recomputation replays the forward's RNG (LoRA dropout) and autocast state.
@@ -38,22 +39,6 @@ from velotune.memory.tiled import token_tiles, tokenwise_backward, tokenwise_for
 MODES = (False, True, "offload")
 POLICIES = ("full", "save_attn")
 DEFAULT_TILE_TOKENS = 8192
-# Under "offload" the MLP's intermediates are the largest thing alive in a layer's backward: one tile
-# of them is kept near this size. Smaller tiles add launches (~8 per tile) but GEMMs of >= 1,024 rows
-# still run at full rate on an H100.
-OFFLOAD_TILE_BYTES = 32 * 1024**2
-MIN_TILE_TOKENS = 512
-
-
-def default_tile_tokens(intermediate_size: int, mode: bool | str) -> int:
-    """The MLP tile when `mlp_tile_tokens` is None and the checkpointing mode makes tiling free."""
-    if mode != "offload":
-        return DEFAULT_TILE_TOKENS
-    fit = OFFLOAD_TILE_BYTES // (2 * intermediate_size)
-    tile = MIN_TILE_TOKENS
-    while tile * 2 <= min(fit, DEFAULT_TILE_TOKENS):
-        tile *= 2
-    return tile
 
 
 def checkpoint_mode(value) -> bool | str:
@@ -188,13 +173,10 @@ def sequence_tiled(
     return recompute(None, fn, x, params, tile_tokens=tile_tokens)
 
 
-def _tile_tokens(model: nn.Module, free: bool, mode: bool | str) -> int | None:
+def _tile_tokens(model: nn.Module, free: bool) -> int | None:
     tile = getattr(model, "mlp_tile_tokens", None)
     if tile is None:
-        if not free:
-            return None
-        spec = getattr(model, "spec", None)
-        return default_tile_tokens(spec.intermediate_size, mode) if spec is not None else DEFAULT_TILE_TOKENS
+        return DEFAULT_TILE_TOKENS if free else None
     return tile or None
 
 
@@ -228,7 +210,7 @@ def run_layers(
     policy = getattr(model, "checkpoint_policy", "full")
     if policy not in POLICIES:
         raise ConfigError(f"checkpoint_policy={policy!r}: use one of {POLICIES}.")
-    tile = _tile_tokens(model, free=bool(mode) or not torch.is_grad_enabled(), mode=mode)
+    tile = _tile_tokens(model, free=bool(mode) or not torch.is_grad_enabled())
     store = activation_store(model) if mode else None
     if store is not None:
         store.begin_forward()

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from velotune.errors import ConfigError
-from velotune.memory.checkpoint import POLICIES, checkpoint_mode, default_tile_tokens
+from velotune.memory.checkpoint import DEFAULT_TILE_TOKENS, POLICIES, checkpoint_mode
 from velotune.memory.offload import BLOCK_BYTES
 from velotune.models.spec import ArchSpec
 
@@ -254,7 +254,7 @@ def estimate_memory(
     attention_rank = sum(lora_r for t in (*spec.qkv_names, "o_proj") if t in targets)
     per = layer_bytes_per_token(spec, act, attention_rank if method != "full" else 0)
     hidden = per["hidden"] * tokens
-    tile = mlp_tile_tokens if mlp_tile_tokens is not None else (default_tile_tokens(spec.intermediate_size, mode) if mode else 0)
+    tile = mlp_tile_tokens if mlp_tile_tokens is not None else (DEFAULT_TILE_TOKENS if mode else 0)
     tile_len = min(tokens, tile) if tile else tokens
 
     # Saved from forward to backward, on the GPU.
