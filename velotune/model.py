@@ -106,8 +106,10 @@ class VelotuneModel(DecoderModel):
     ) -> VelotuneModel:
         """Loads a PEFT LoRA adapter folder (PEFT's signature). LoRA already on the same modules is replaced.
 
-        velotune holds one adapter at a time: `adapter_name` is accepted for compatibility only.
+        velotune holds one adapter at a time: `adapter_name` is accepted for compatibility only, and
+        refused if it is not a plain name (PEFT makes it a sub-folder of the save directory).
         """
+        lora.peft_format.check_adapter_name(adapter_name)
         return lora.load_adapter(self, model_id, is_trainable=is_trainable)
 
     def merge_and_unload(self, **unused) -> VelotuneModel:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from velotune.errors import ConfigError
 from velotune.export.atomic import atomic_file
 from velotune.export.gguf_vocab import adds_bos
+from velotune.paths import plain_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ def modelfile_text(gguf_file: str, tokenizer) -> str:
 
 def write_modelfile(directory: str, gguf_file: str, tokenizer) -> str:
     """Writes `<directory>/Modelfile` for the GGUF file `gguf_file` in that folder; returns its path."""
+    # FROM ./<name> must name a file beside the Modelfile, not one elsewhere on the machine.
+    plain_file_name(gguf_file, "the GGUF file of a Modelfile", ConfigError)
     path = os.path.join(directory, MODELFILE)
     with atomic_file(path) as tmp:
         with open(tmp, "w") as f:

@@ -28,10 +28,12 @@ from velotune.errors import AdapterError
 from velotune.lora.layers import LoraFactors, lora_scale
 from velotune.models.families import family_of
 from velotune.models.layers import Projection, SparseMoE
+from velotune.paths import plain_file_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024  # an adapter_config.json is a few kB
 KEY_PREFIX = "base_model.model."
 
 # How target_modules names a sparse MoE's tensors: (names that must all be targeted, rank multiplier).
@@ -317,10 +319,18 @@ def read_settings(folder: str) -> LoraSettings:
     if not os.path.isfile(path):
         raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}; point at a folder saved by PEFT or velotune.")
     try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterError(f"cannot read {path}: {exc}") from exc
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path} is larger than {_MAX_CONFIG_BYTES} bytes; it is not an adapter config.")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path} must hold a JSON object.")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(
             f"{path} holds a {cfg.get('peft_type')} adapter; velotune loads LoRA adapters only."
@@ -331,19 +341,31 @@ def read_settings(folder: str) -> LoraSettings:
     bias = cfg.get("bias") or "none"
     if bias not in BIAS_MODES:
         raise AdapterError(f"{path}: bias={bias!r} is not one of PEFT's {BIAS_MODES}.")
+    r = cfg.get("r", 8)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise AdapterError(f"{path}: r={r!r} must be a positive integer (the LoRA rank).")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise AdapterError(f"{path}: {key} must be a JSON object, got {cfg[key]!r:.100}.")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{path}: base_model_name_or_path must be a string, got {base!r:.100}.")
     init = cfg.get("init_lora_weights", True)
-    return LoraSettings(
-        r=int(cfg.get("r", 8)),
-        lora_alpha=cfg.get("lora_alpha", 8),
-        lora_dropout=float(cfg.get("lora_dropout") or 0.0),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        bias=bias,
-        init_lora_weights=init if isinstance(init, (bool, str)) else True,
-        rank_pattern=dict(cfg.get("rank_pattern") or {}),
-        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        target_parameters=list(cfg.get("target_parameters") or []) or None,
-    )
+    try:
+        return LoraSettings(
+            r=r,
+            lora_alpha=cfg.get("lora_alpha", 8),
+            lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            bias=bias,
+            init_lora_weights=init if isinstance(init, (bool, str)) else True,
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            base_model_name_or_path=base,
+            target_parameters=list(cfg.get("target_parameters") or []) or None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{path} holds a value velotune cannot use ({exc}).") from exc
 
 
 def config_dict(settings: LoraSettings, adapted: list[LoraSite]) -> dict:
@@ -385,15 +407,38 @@ def write_adapter(folder: str, config: dict, tensors: dict[str, torch.Tensor]) -
 
 
 def read_adapter_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors. The safetensors library validates the header before mapping the file
+    (sizes bounded by the file); a pickled adapter is read with weights_only=True, so no code runs."""
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     if os.path.isfile(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{path} is not a readable safetensors file ({exc}); it is corrupt.") from exc
     path = os.path.join(folder, ADAPTER_WEIGHTS_PICKLE)
     if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses code with UnpicklingError; corrupt files raise others
+            raise AdapterError(
+                f"{path} could not be read safely ({type(exc).__name__}: {exc}). Save the adapter as "
+                f"{ADAPTER_WEIGHTS} with PEFT in an environment you trust."
+            ) from exc
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise AdapterError(f"{path} does not hold a mapping of names to tensors.")
+        return tensors
     raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_PICKLE}).")
+
+
+def check_adapter_name(adapter_name) -> str:
+    """PEFT keeps a named adapter in the sub-folder `<save_directory>/<adapter_name>`: the name must
+    be a plain folder name, never a path out of the save directory."""
+    return plain_file_name(adapter_name, "adapter_name", AdapterError)
 
 
 def group_lora_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
