@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from velotune.errors import VelotuneError
+    from velotune.errors import TrainingInterrupted, VelotuneError
 
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:  # a clean stop: the message says how to resume
+        sys.stderr.write(f"velotune {args.command}: {exc}\n")
+        return 128 + exc.signal  # the shell's convention for "ended by a signal"
     except VelotuneError as exc:  # a typed error already says what to do: no traceback unless asked
         if args.verbose:
             raise

@@ -100,3 +100,32 @@ def test_a_row_without_the_expected_field_fails_naming_its_line(model_dir, tmp_p
     monkeypatch.setattr(velotune.FastLanguageModel, "from_pretrained", None)
     assert main(quick(model_dir, tmp_path, f"--data.train={data}")) == 2
     assert "rows.jsonl line 2: missing field 'messages'" in capsys.readouterr().err
+
+
+def test_sigterm_stops_velotune_train_with_a_checkpoint_and_the_flag_that_resumes_it(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    import signal
+
+    from velotune.train.callbacks import JsonlLogger
+
+    def signal_after_step_2(self, trainer):
+        if trainer.state["global_step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(JsonlLogger, "on_step_end", signal_after_step_2)
+    resume, run = (
+        "--resume_from_checkpoint=true",
+        ("--lora.r=4", "--training.max_steps=4", "--training.logging_steps=1"),
+    )
+    assert main(quick(model_dir, tmp_path, *run)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 2 of 4" in err and resume in err
+    assert os.path.isdir(tmp_path / "checkpoint-2")
+    assert not os.path.exists(tmp_path / "adapter_model.safetensors")  # no "trained result" from half a run
+
+    monkeypatch.undo()
+    assert main(quick(model_dir, tmp_path, *run, resume)) == 0
+    with open(tmp_path / "log.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3, 4]
+    assert os.path.isfile(tmp_path / "adapter_model.safetensors")

@@ -36,10 +36,35 @@ def memory_gb(device: torch.device) -> float:
 
 
 class JsonlLogger(TrainerCallback):
-    """Appends every log record as one JSON line (appending keeps the history of a resumed run)."""
+    """Appends every log record as one JSON line (appending keeps the history of a resumed run).
+
+    When training begins, records of steps after the one it starts from are dropped: they belong to a run
+    that went further than its last checkpoint before it was killed, and are about to be done again. So
+    the file holds the history of the steps that led to the current weights (a fresh run starts it over).
+    """
 
     def __init__(self, path: str):
         self.path = path
+
+    def on_train_begin(self, trainer) -> None:
+        if not os.path.isfile(self.path):
+            return
+        start, kept = trainer.state["global_step"], []
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line, torn by a kill in the middle of writing it
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= start:
+                kept.append(line)
+        if len(kept) == len(lines):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def on_log(self, trainer, record: dict) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -74,7 +99,7 @@ class ProgressBar(TrainerCallback):
         self.bar.update(trainer.state["global_step"] - self.bar.n)
 
     def on_log(self, trainer, record: dict) -> None:
-        if "loss" in record:
+        if record.get("loss") is not None:  # None: every step since the last record was skipped
             self.bar.set_postfix_str(
                 f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  mem {record['memory_gb']:.2f} GB",
                 refresh=False,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from velotune.errors import ConfigError
+from velotune.errors import ConfigError, TrainingInterrupted
 from velotune.train.trainer import TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,8 @@ def run(config: Config) -> str:
     """Loads the model, prepares the data, trains, and saves; returns the folder of the result.
 
     The data is read and checked before the model's weights load, so a data problem costs seconds.
+    SIGINT / SIGTERM end it with velotune.errors.TrainingInterrupted once a checkpoint is written
+    (the trained result is not saved then).
     Under torchrun / accelerate launch every process runs this; see velotune.train.distributed.
     """
     import torch
@@ -255,8 +257,14 @@ def run(config: Config) -> str:
     trainer = Trainer(
         model, config.training, train_dataset=train, eval_dataset=evaluation, tokenizer=tokenizer
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    folder = trainer.save_model()
+    interrupted = None
+    try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except TrainingInterrupted as exc:  # a checkpoint is written; the process group still goes down cleanly
+        interrupted = exc.with_traceback(None)  # its frames would keep the trainer alive
+    folder = None if interrupted else trainer.save_model()
     del trainer, model  # they hold the process group (see distributed.shutdown)
     distributed.shutdown()
+    if interrupted is not None:
+        raise interrupted
     return folder

@@ -4,22 +4,30 @@ One optimizer step takes `gradient_accumulation_steps` micro-batches. The number
 in all of them is counted on the CPU first and passed to every forward as `num_items_in_batch`,
 so each micro-batch's loss is its summed token loss over that count: the accumulated gradient is
 exactly the gradient of the large batch's mean loss, however the tokens fall into micro-batches.
+
+What can go wrong on the way is handled where it happens (see velotune.train.faults and
+docs/reliability.md): SIGINT/SIGTERM finish the step and write a checkpoint; a non-finite loss or
+gradient is seen before the optimizer uses it (one host sync per step, for the loss and the gradient
+norm together); running out of memory is reported with the planner's estimate and settings that fit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from velotune.errors import ConfigError, DataError
+from velotune.errors import ConfigError, DataError, NonFiniteError, OutOfMemoryError, TrainingInterrupted
 from velotune.train import checkpoint as ckpt
+from velotune.train import faults
 from velotune.train.callbacks import (
     ConsoleLogger,
     JsonlLogger,
@@ -55,7 +63,14 @@ class TrainingArguments:
         packing: several examples per row, attention kept within each example.
         max_seq_length: packed row length (default: the model's max_seq_length).
         pad_to_multiple_of: round batch widths up (e.g. 8 on GPUs).
-        mixed_precision: "no", "bf16" or "fp16" autocast (fp16 adds a gradient scaler).
+        mixed_precision: "no", "bf16" or "fp16" autocast. fp16 (and a float16 model) trains with a gradient
+            scaler (torch.amp.GradScaler): its overflowing steps are skipped and counted as overflow_steps, not
+            as non-finite faults, while the scale is above 1.
+        nonfinite: what a step with a NaN or infinite loss or gradient does. "stop" (the default): write a
+            checkpoint of the state before that step and raise velotune.errors.NonFiniteError naming the first
+            module (decoder layer) that went non-finite. "skip": no update (the optimizer and the learning-rate
+            schedule do not advance), the step is counted (nonfinite_steps) and logged; 10 such steps in a row
+            stop the run as "stop" does.
         gradient_checkpointing: True / False, or None to keep the model's setting.
         seed: data order and torch's generator (LoRA dropout).
         shuffle: shuffle the data each epoch.
@@ -101,6 +116,7 @@ class TrainingArguments:
     report_to: str = "none"
     parallel: str = "auto"
     deepspeed: str | None = None
+    nonfinite: str = "stop"
     extra: dict = field(default_factory=dict, repr=False)  # free-form, saved with checkpoints
 
     def __post_init__(self):
@@ -110,6 +126,8 @@ class TrainingArguments:
             raise ConfigError("batch_size and gradient_accumulation_steps must be at least 1.")
         if self.report_to not in ("none", "tensorboard"):
             raise ConfigError(f"report_to={self.report_to!r}: use 'none' or 'tensorboard'.")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite={self.nonfinite!r}: use 'stop' or 'skip'.")
 
 
 def _as_dataset(data) -> TokenizedDataset | None:
@@ -163,6 +181,8 @@ class Trainer:
             "max_steps": 0,
             "epoch": 0.0,
             "tokens_seen": 0,
+            "nonfinite_steps": 0,
+            "overflow_steps": 0,
             "log_history": [],
         }
         self.optimizer = self.scheduler = self.scaler = None
@@ -230,6 +250,13 @@ class Trainer:
         Args:
             resume_from_checkpoint: a checkpoint folder, or True for the newest in output_dir: the run
                 continues exactly where that one stopped (same data order, optimizer, schedule and RNG).
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived; the step in progress was finished and a checkpoint
+                written (the message says how to resume). The previous signal handlers are back.
+            NonFiniteError: with nonfinite="stop", a step's loss or gradient was NaN or infinite; the
+                checkpoint holds the state before that step.
+            OutOfMemoryError: the device ran out of memory in a step; nothing was written for it.
         """
         args, model, data = self.args, self.model, self.train_dataset
         self._check_lengths(data, "train_dataset")
@@ -253,12 +280,24 @@ class Trainer:
                                          (args.adam_beta1, args.adam_beta2), args.adam_epsilon)  # fmt: skip
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
         self.scheduler = build_scheduler(self.optimizer, max_steps, warmup, args.lr_scheduler)
-        if args.mixed_precision == "fp16":
+        self.scaler = None
+        if args.mixed_precision == "fp16" or model.dtype == torch.float16:
+            # float16 activations underflow in the backward without loss scaling; the scaler unscales the
+            # gradients in place, which it refuses to do in float16.
+            half = [n for n, p in params if p.dtype == torch.float16]
+            if half:
+                raise ConfigError(
+                    f"{half[0]} (and {len(half) - 1} more) would train in float16, whose gradients cannot be "
+                    "loss-scaled; load the model with dtype=torch.float32 and use mixed_precision='fp16', or "
+                    "use bfloat16."
+                )
             self.scaler = torch.amp.GradScaler(model.device.type)
-        self.state.update(max_steps=max_steps, global_step=0)
+        self.state.update(max_steps=max_steps, global_step=0, nonfinite_steps=0, overflow_steps=0)
         # DeepSpeed's engine takes over the model and the optimizer here (a no-op otherwise).
         self._forward = par.attach(self.optimizer, args)
 
+        if par.is_main:  # what a killed run left half-written (see velotune.train.checkpoint)
+            ckpt.clean_stale(args.output_dir)
         path = ckpt.resolve(resume_from_checkpoint, args.output_dir)
         if path is not None:
             with par.loading(model, self.optimizer) as (into, optimizer):
@@ -269,77 +308,226 @@ class Trainer:
             logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
         model.train()
-        trainable = [p for _, p in params]
-        self._emit("on_train_begin")
+        self._batch_shape: tuple[int, int] | None = None
+        self._faults_in_a_row = 0
         epoch_batches, epoch_of_batches = None, -1
-        loss_acc = torch.zeros((), device=model.device)
-        steps_in_log, real_tokens, grad_norm = 0, 0, None
+        loss_sum, good_steps, real_tokens, grad_norm = 0.0, 0, 0, None
         clock = time.perf_counter()
-        for step in range(self.state["global_step"], max_steps):
-            epoch, window = divmod(step, steps_per_epoch)
-            if epoch != epoch_of_batches:
-                epoch_batches, epoch_of_batches = plan.epoch(epoch), epoch
-            micro = [
-                self._collate(data, rows) for rows in epoch_batches[window * accum : (window + 1) * accum]
-            ]
-            # The whole step's label count, known before the first forward: every micro-batch's loss is
-            # a share of the large batch's mean, and no device sync is needed to get it.
-            # With several ranks it counts every rank's rows, from the plan (no communication).
-            window_rows = epoch_batches[window * accum : (window + 1) * accum]
-            if par.world_size > 1:
-                n_items = max(1, sum(self._label_count(data, rows) for rows in window_rows))
-            else:
-                n_items = max(1, sum(num_label_tokens(batch) for batch, _ in micro))
-            for i, (batch, real) in enumerate(micro):
-                with par.sync_gradients(i == len(micro) - 1):
-                    with self._autocast():
-                        loss = self._forward(**self._to_device(batch), num_items_in_batch=n_items).loss
-                    par.backward(loss, self.scaler)
-                loss_acc += loss.detach()
-                real_tokens += real
-            if par.engine is not None:
-                # DeepSpeed clipped and stepped at the last micro-batch's backward (Parallel.backward).
-                grad_norm = par.grad_norm(None) if args.max_grad_norm else None
-            else:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                if args.max_grad_norm:
-                    grad_norm = par.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+        self._emit("on_train_begin")
+        with faults.StopSignals() as stop, self._train_end_on_exit():
+            for step in range(self.state["global_step"], max_steps):
+                epoch, window = divmod(step, steps_per_epoch)
+                if epoch != epoch_of_batches:
+                    epoch_batches, epoch_of_batches = plan.epoch(epoch), epoch
+                window_rows = epoch_batches[window * accum : (window + 1) * accum]
+                micro = [self._collate(data, rows) for rows in window_rows]
+                # The whole step's label count, known before the first forward: every micro-batch's loss is
+                # a share of the large batch's mean, and no device sync is needed to get it.
+                # With several ranks it counts every rank's rows, from the plan (no communication).
+                if par.world_size > 1:
+                    n_items = max(1, sum(self._label_count(data, rows) for rows in window_rows))
                 else:
-                    self.optimizer.step()
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state["global_step"] = step + 1
-            self.state["epoch"] = (step + 1) / steps_per_epoch
-            steps_in_log += 1
-            self._emit("on_step_end")
+                    n_items = max(1, sum(num_label_tokens(batch) for batch, _ in micro))
+                lr = self.scheduler.get_last_lr()[0]
+                # torch's generators as the step begins: a checkpoint of the state before a faulty step needs them.
+                rng = ckpt.torch_rng_state()
+                out_of_memory = None
+                try:
+                    loss, norm, stopping = self._step(step, micro, n_items, params, rng, stop)
+                except torch.OutOfMemoryError as exc:
+                    out_of_memory = str(exc)  # leaving the handler drops the traceback and the step's tensors
+                if out_of_memory is not None:
+                    self._raise_out_of_memory(step, out_of_memory)
+                real_tokens += sum(real for _, real in micro)
+                if loss is not None:
+                    loss_sum, good_steps = loss_sum + loss, good_steps + 1
+                grad_norm = norm if norm is not None else grad_norm
+                self.state["global_step"] = step + 1
+                self.state["epoch"] = (step + 1) / steps_per_epoch
+                self._emit("on_step_end")
 
-            done = step + 1 == max_steps
-            if (step + 1) % args.logging_steps == 0 or done:
-                elapsed = time.perf_counter() - clock
-                loss_sum, real_tokens = par.sum([loss_acc.item(), real_tokens], model.device)
-                real_tokens = int(real_tokens)
-                self.state["tokens_seen"] += real_tokens
-                record = {"step": step + 1, "epoch": round(self.state["epoch"], 4),
-                          "loss": loss_sum / steps_in_log, "lr": lr,
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_per_s": real_tokens / max(elapsed, 1e-9), "tokens_seen": self.state["tokens_seen"],
-                          "memory_gb": round(memory_gb(model.device), 3)}  # fmt: skip
-                self.log(record)
-                loss_acc.zero_()
-                steps_in_log, real_tokens, clock = 0, 0, time.perf_counter()
-            if self.eval_dataset is not None and (
-                (args.eval_steps and (step + 1) % args.eval_steps == 0) or done
-            ):
-                self.log({"step": step + 1, "eval_loss": self.evaluate()})
-            if args.save_steps and ((step + 1) % args.save_steps == 0 or done):
-                self.save_checkpoint()
-        self._emit("on_train_end")
+                done = step + 1 == max_steps
+                if (step + 1) % args.logging_steps == 0 or done:
+                    elapsed = time.perf_counter() - clock
+                    loss_sum, real_tokens = par.sum([loss_sum, real_tokens], model.device)
+                    real_tokens = int(real_tokens)
+                    self.state["tokens_seen"] += real_tokens
+                    record = {"step": step + 1, "epoch": round(self.state["epoch"], 4),
+                              "loss": loss_sum / good_steps if good_steps else None, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": real_tokens / max(elapsed, 1e-9),
+                              "tokens_seen": self.state["tokens_seen"],
+                              "memory_gb": round(memory_gb(model.device), 3)}  # fmt: skip
+                    record.update(
+                        {k: self.state[k] for k in ("nonfinite_steps", "overflow_steps") if self.state[k]}
+                    )
+                    self.log(record)
+                    loss_sum, good_steps, real_tokens, clock = 0.0, 0, 0, time.perf_counter()
+                if self.eval_dataset is not None and (
+                    (args.eval_steps and (step + 1) % args.eval_steps == 0) or done
+                ):
+                    self.log({"step": step + 1, "eval_loss": self.evaluate()})
+                saved = None
+                if args.save_steps and ((step + 1) % args.save_steps == 0 or done):
+                    saved = self.save_checkpoint()
+                # One process can heed a signal that came after the step's check; several decided together.
+                stopping = stopping or (par.world_size == 1 and stop.received is not None)
+                if stopping and not done:
+                    path = saved or self.save_checkpoint()
+                    signum = stop.received or signal.SIGTERM
+                    message = faults.resume_hint(signum, step + 1, max_steps, path)
+                    logger.warning(message)
+                    raise TrainingInterrupted(message, signum, path)
         return self.state
+
+    @contextlib.contextmanager
+    def _train_end_on_exit(self):
+        """on_train_end when the loop ends, also by an exception (whose callback errors then stay quiet: the
+        exception is what the caller must see)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._emit("on_train_end")
+            raise
+        self._emit("on_train_end")
+
+    def _step(self, step: int, micro: list, n_items: int, named: list, rng: dict, stop: faults.StopSignals):
+        """Forward and backward of the step's micro-batches, the health check, then the update or the
+        non-finite policy. Returns (loss or None for a skipped step, gradient norm or None when it was not
+        finite, whether to stop after this step)."""
+        par = self.parallel
+        losses = []
+        for i, (batch, _) in enumerate(micro):
+            self._batch_shape = tuple(batch["input_ids"].shape)
+            with par.sync_gradients(i == len(micro) - 1):
+                with self._autocast():
+                    loss = self._forward(**self._to_device(batch), num_items_in_batch=n_items).loss
+                par.backward(loss, self.scaler)
+            losses.append(loss.detach())
+        step_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        if par.engine is not None:
+            # DeepSpeed clipped and stepped at the last micro-batch's backward (Parallel.backward).
+            norm = par.grad_norm(None) if self.args.max_grad_norm else None
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            # One fused pass over the gradients: clipping's norm is also the non-finite check's other half.
+            # Clipping waits for the check, so a faulty step's gradients reach the diagnosis unscaled.
+            local_norm = torch.nn.utils.get_total_norm([p.grad for _, p in named if p.grad is not None])
+            norm = par.grad_norm(local_norm)
+        # The step's one host sync: the loss and the gradient norm come over together, before the optimizer
+        # uses the gradients. A NaN or infinity anywhere in the gradients makes the norm non-finite.
+        if isinstance(norm, torch.Tensor):
+            loss_value, norm_value = torch.stack(
+                [step_loss.float(), norm.float().to(step_loss.device)]
+            ).tolist()
+        else:
+            loss_value, norm_value = step_loss.item(), 0.0 if norm is None else float(norm)
+        loss_ok, grads_ok, stopping = (
+            math.isfinite(loss_value),
+            math.isfinite(norm_value),
+            stop.received is not None,
+        )
+        if par.world_size > 1:  # every rank decides alike, or the next collective would wait forever
+            flags = par.sum([float(not loss_ok), float(not grads_ok), float(stopping)], self.model.device)
+            loss_ok, grads_ok, stopping = flags[0] == 0, flags[1] == 0, flags[2] > 0
+        if loss_ok and grads_ok:
+            if par.engine is None and self.args.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for _, p in named], self.args.max_grad_norm, local_norm
+                )
+            self._update()
+            self._faults_in_a_row = 0
+            return loss_value, (norm_value if norm is not None else None), stopping
+        if loss_ok and self.scaler is not None and par.engine is None and self.scaler.get_scale() > 1.0:
+            # fp16: the scaled gradients overflowed. The scaler skips the update and lowers the scale.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["overflow_steps"] += 1
+            logger.info("step %d: fp16 gradients overflowed; update skipped, loss scale lowered to %g",
+                        step + 1, self.scaler.get_scale())  # fmt: skip
+            return loss_value, None, stopping
+        self._nonfinite(step, micro, n_items, losses, loss_value, norm_value, not loss_ok, named, rng)
+        return None, None, stopping
+
+    def _update(self) -> None:
+        if self.parallel.engine is None:  # DeepSpeed stepped in its backward
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, step: int, micro: list, n_items: int, losses: list, loss_value: float, norm_value: float,
+                   forward_fault: bool, named: list, rng: dict) -> None:  # fmt: skip
+        """The non-finite policy: find where, then skip the update or stop with the state before this step."""
+        args, par = self.args, self.parallel
+        applied = par.engine is not None  # DeepSpeed has applied this step's update already
+        report = faults.NonFiniteReport(
+            step + 1, loss_value, norm_value, parameters=faults.nonfinite_gradients(named)
+        )
+        if applied:
+            self.scheduler.step()
+        elif self.scaler is not None:
+            self.scaler.update()  # unscale_ ran this step: the scaler must close it
+        self.optimizer.zero_grad(set_to_none=True)  # also frees the gradients before the second forward
+        if forward_fault:
+            self._find_first_nonfinite(report, micro, n_items, losses)
+        self.state["nonfinite_steps"] += 1
+        self._faults_in_a_row += 1
+        note = " DeepSpeed had already applied this step's update." if applied else ""
+        if args.nonfinite == "skip" and self._faults_in_a_row < faults.MAX_CONSECUTIVE_SKIPS:
+            logger.warning("%s%s nonfinite='skip': update skipped (%d non-finite steps so far).",
+                           report.describe(), note, self.state["nonfinite_steps"])  # fmt: skip
+            return
+        checkpoint = None
+        if not applied:  # global_step is still `step`: the checkpoint holds the state before this step
+            checkpoint = self.save_checkpoint(rng=ckpt.rng_state(rng))
+        why = ("nonfinite='stop'" if args.nonfinite == "stop"
+               else f"{self._faults_in_a_row} non-finite steps in a row with nonfinite='skip'")  # fmt: skip
+        where = (f"{checkpoint} holds the state before this step: lower the learning rate or check this step's "
+                 f"data, then resume from it" if checkpoint else "resume from the newest checkpoint")  # fmt: skip
+        raise NonFiniteError(f"{report.describe()}{note} Training stopped ({why}); {where} "
+                             f"(resume_from_checkpoint=...), or set nonfinite='skip' to skip such steps.",
+                             report, checkpoint)  # fmt: skip
+
+    def _find_first_nonfinite(
+        self, report: faults.NonFiniteReport, micro: list, n_items: int, losses: list
+    ) -> None:
+        """Re-runs the forward of the micro-batch(es) whose loss was non-finite with hooks on every module."""
+        par = self.parallel
+        if par.world_size > 1:
+            order = list(range(len(micro)))  # every rank runs the same forwards (FSDP2 gathers in each)
+        else:
+            finite = torch.stack([torch.isfinite(v) for v in losses]).tolist()
+            order = [i for i, ok in enumerate(finite) if not ok]
+        try:
+            with torch.no_grad(), faults.first_nonfinite_output(self.model) as found:
+                for i in order:
+                    with self._autocast():
+                        self.model(**self._to_device(micro[i][0]), num_items_in_batch=n_items)
+                    if found.name is not None and report.module is None:
+                        report.module, report.micro_batch = found.name, i
+                        if par.world_size == 1:
+                            break
+        except Exception as exc:  # the report is a help; failing to make it must not hide the fault
+            logger.warning(
+                "could not re-run step %d's forward to find the non-finite layer: %s", report.step, exc
+            )
+
+    def _raise_out_of_memory(self, step: int, detail: str):
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        found = ckpt.checkpoints(self.args.output_dir)
+        shape = self._batch_shape or (self.args.batch_size, self.max_seq_length or 0)
+        message = faults.oom_message(self.model, self.args.optim, shape, self.args.gradient_accumulation_steps,
+                                     step + 1, detail, found[-1][1] if found else None)  # fmt: skip
+        raise OutOfMemoryError(message) from None
 
     @torch.no_grad()
     def evaluate(self, dataset: TokenizedDataset | None = None) -> float:
@@ -370,7 +558,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ saving
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, rng: tuple[dict, dict] | None = None) -> str:
+        """Writes checkpoint-<global_step> (atomically) and rotates old ones; `rng`: generator states to store
+        instead of the current ones."""
         step = self.state["global_step"]
         state = {k: v for k, v in self.state.items()}
         state["args"] = {k: v for k, v in asdict(self.args).items()}
@@ -382,7 +572,7 @@ class Trainer:
             optimizer = self.parallel.whole_optimizer(self.optimizer)
             if self.parallel.is_main:
                 path = ckpt.save_checkpoint(self.args.output_dir, step, model, optimizer, self.scheduler, state,
-                                            extra, adapter)  # fmt: skip
+                                            extra, adapter, rng)  # fmt: skip
                 ckpt.rotate(self.args.output_dir, self.args.save_total_limit)
         self.parallel.barrier()
         self._emit("on_save", path)
