@@ -167,6 +167,7 @@ class FastLanguageModel:
     def for_training(model: VelotuneModel) -> VelotuneModel:
         """Training mode: LoRA dropout on, gradient checkpointing as chosen in get_peft_model."""
         model.train()
+        model._velotune_decoder = None  # generate()'s kept KV cache and CUDA graph: memory training can use
         if model.embedding_placement is not False:
             model.keep_embedding_on_host(True)
         return model

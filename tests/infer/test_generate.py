@@ -1,4 +1,6 @@
-"""Greedy generation with the static KV cache equals Transformers' greedy output token for token."""
+"""Generation (prompt forward, then the fixed-shape decode step run eagerly, as it runs on the CPU) equals
+Transformers' generate token for token: greedy on every family, sampling under the same seed, repetition
+penalty, LoRA unmerged and merged, a 4-bit base with LoRA."""
 
 import pytest
 import torch
@@ -6,10 +8,11 @@ import transformers
 
 import velotune
 from velotune.errors import ConfigError
-from tests.model_zoo import save_hf_model
+from tests.lora.helpers import velotune_and_peft
+from tests.model_zoo import FAMILY_CONFIGS, save_hf_model
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2", "mixtral", "phi3"])
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = save_hf_model(request.param, str(folder))
@@ -43,12 +46,49 @@ def test_sampling_is_reproducible_with_a_seed(pair):
     assert torch.equal(a, b)
 
 
+def test_sampling_draws_what_transformers_draws_under_the_same_seed(pair):
+    # Same filters in the same order (temperature, top-k, top-p) and the same draw as torch.multinomial.
+    hf, ours = pair
+    prompts = torch.tensor([[0, 0, 11, 12, 13], [5, 17, 33, 8, 90]])
+    mask = (prompts != 0).long()
+    settings = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=40, top_p=0.9)
+    torch.manual_seed(3)
+    expected = hf.generate(prompts, attention_mask=mask, eos_token_id=None, pad_token_id=0, **settings)
+    torch.manual_seed(3)
+    got = ours.generate(prompts, attention_mask=mask, **settings)
+    assert torch.equal(got, expected)
+
+
+def test_repetition_penalty_matches_transformers(pair):
+    hf, ours = pair
+    prompt = torch.tensor([[5, 17, 33, 8, 90, 41]])
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, repetition_penalty=1.7, eos_token_id=None,
+                           pad_token_id=0)  # fmt: skip
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12, repetition_penalty=1.7), expected)
+
+
 def test_rows_stop_at_eos_and_are_padded(pair):
     _, ours = pair
     prompt = torch.tensor([[5, 17, 33]])
     first = int(ours.generate(prompt, max_new_tokens=1)[0, -1])
     out = ours.generate(prompt, max_new_tokens=6, eos_token_id=first, pad_token_id=0)
     assert out.shape[1] == 4 and int(out[0, -1]) == first
+
+
+@pytest.mark.parametrize("check_every", [1, 16])
+def test_rows_that_finish_at_different_steps_stop_whatever_the_check_interval(check_every, pair):
+    _, ours = pair
+    prompts = torch.tensor([[0, 0, 11, 12, 13], [5, 17, 33, 8, 90]])
+    mask = (prompts != 0).long()
+    free = ours.generate(prompts, attention_mask=mask, max_new_tokens=10)[:, 5:]
+    eos = sorted({int(free[0, 2]), int(free[1, 5])})
+    firsts = [next(i for i, t in enumerate(row.tolist()) if t in eos) for row in free]
+    expected = free[:, : max(firsts) + 1].clone()
+    for row, first in enumerate(firsts):
+        expected[row, first + 1 :] = 0
+    got = ours.generate(prompts, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0,
+                        check_every=check_every)  # fmt: skip
+    assert torch.equal(got[:, 5:], expected)
 
 
 def test_right_padded_prompts_are_refused(pair):
@@ -112,3 +152,33 @@ def test_transformers_text_streamer_receives_what_is_generated(with_tokenizer):
     out = ours.generate(prompt, max_new_tokens=10, streamer=streamer)
     streamed = "".join(streamer)  # the queue is complete: generate() has returned and called end()
     assert streamed == tok.decode(out[0, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_lora_unmerged_and_merged_generate_what_peft_generates(family, tmp_path):
+    ours, theirs, _ = velotune_and_peft(family, tmp_path)
+    prompts = torch.tensor([[0, 0, 11, 12, 13], [5, 17, 33, 8, 90]])
+    mask = (prompts != 0).long()
+    theirs.eval()
+    expected = theirs.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert torch.equal(ours.generate(prompts, attention_mask=mask, max_new_tokens=10), expected)
+    merged = ours.merge_and_unload()
+    assert torch.equal(merged.generate(prompts, attention_mask=mask, max_new_tokens=10), expected)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_4bit_base_with_lora_generates_what_peft_generates_on_the_dequantized_weights(kernels, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    from tests.quant.test_qlora import _qlora_pair
+
+    ours, theirs = _qlora_pair("llama", tmp_path)
+    prompts = torch.tensor([[0, 11, 12, 13], [5, 17, 33, 8]])
+    mask = (prompts != 0).long()
+    theirs.eval()
+    expected = theirs.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)  # fmt: skip
+    # "triton": the NF4 weights are dequantized by the Triton kernel (interpreted) into the scratch buffer,
+    # inside the fused LoRA projection, as on a GPU.
+    monkeypatch.setenv("VELOTUNE_KERNELS", kernels)
+    assert torch.equal(ours.generate(prompts, attention_mask=mask, max_new_tokens=6), expected)

@@ -94,6 +94,11 @@ class Attention(nn.Module):
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
+        if kv_cache is not None and kv_cache.decoding:
+            # One token per row over the whole static cache, shapes fixed (velotune.infer's decode step).
+            out = kv_cache.attend(self.layer_idx, q, k, v, scale=spec.scale, sliding_window=self.sliding_window,
+                                  softcap=spec.attn_logit_softcap)  # fmt: skip
+            return self.o_proj(out.reshape(batch, seq, spec.q_size))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         if cu_seqlens is not None:
