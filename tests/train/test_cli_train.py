@@ -129,3 +129,13 @@ def test_sigterm_stops_velotune_train_with_a_checkpoint_and_the_flag_that_resume
     with open(tmp_path / "log.jsonl") as f:
         assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3, 4]
     assert os.path.isfile(tmp_path / "adapter_model.safetensors")
+
+
+def test_data_overlong_is_read_from_the_yaml_and_error_refuses_long_rows_before_the_model_loads(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    assert load_config(EXAMPLE).data.overlong == "truncate"
+    monkeypatch.setattr(velotune.FastLanguageModel, "from_pretrained", None)
+    args = quick(model_dir, tmp_path, "--model.max_seq_length=4", "--data.overlong=error")
+    assert main(args) == 2
+    assert "longer than max_seq_length=4: train.jsonl line 1" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 """Data shapes, chat templates and response-only labels, checked token by token against the text."""
 
 import json
+import logging
 
 import pytest
 
 import velotune
 from tests.train.helpers import build_tokenizer
 from velotune.errors import ConfigError, DataError
-from velotune.train.data import IGNORE_INDEX, prepare_dataset
+from velotune.train.data import IGNORE_INDEX, DataStats, prepare_dataset
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -161,10 +162,13 @@ def test_a_row_without_the_expected_field_names_its_line(tok, tmp_path):
         prepare_dataset(str(path), tok, max_seq_length=None)
 
 
-def test_a_sequence_longer_than_max_seq_length_is_refused_with_its_row(tok):
-    rows = [{"text": "Four."}, {"text": "The quick brown fox jumps over the lazy dog while the cat sleeps."}]
+LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps."
+
+
+def test_with_overlong_error_a_sequence_longer_than_max_seq_length_is_refused_with_its_row(tok):
+    rows = [{"text": "Four."}, {"text": LONG}]
     with pytest.raises(DataError, match=r"row 1 \(\d+ tokens\)"):
-        prepare_dataset(rows, tok, max_seq_length=8)
+        prepare_dataset(rows, tok, max_seq_length=8, overlong="error")
 
 
 def test_a_missing_data_file_and_bad_roles_are_data_errors(tok, tmp_path):
@@ -178,3 +182,192 @@ def test_a_missing_data_file_and_bad_roles_are_data_errors(tok, tmp_path):
 def test_an_unknown_template_name_suggests_the_closest(tok):
     with pytest.raises(ConfigError, match="Did you mean 'chatml'"):
         velotune.get_chat_template(tok, "chatmel")
+
+
+# ------------------------------------------------------------------------------ bad data
+
+
+def test_overlong_rows_are_truncated_by_default_counted_and_logged(tok, caplog):
+    rows = [{"text": "Four."}, {"text": LONG}, {"text": LONG + " Again."}]
+    whole = prepare_dataset(rows, tok, max_seq_length=None)
+    with caplog.at_level(logging.WARNING):
+        ds = prepare_dataset(rows, tok, max_seq_length=8)
+    assert len(ds) == 3 and ds.lengths.tolist() == [len(whole[0]["input_ids"]), 8, 8]
+    assert ds[1]["input_ids"].tolist() == whole[1]["input_ids"][:8].tolist()
+    assert ds[1]["labels"].tolist() == whole[1]["labels"][:8].tolist()
+    assert ds.stats == DataStats(rows=3, examples=3, truncated=["row 1", "row 2"])
+    assert "2 truncated to max_seq_length (row 1, row 2)" in caplog.text
+
+
+def test_overlong_drop_removes_the_rows_and_names_them(tok, caplog):
+    rows = [{"text": "Four."}, {"text": LONG}, {"text": "Five."}]
+    with caplog.at_level(logging.WARNING):
+        ds = prepare_dataset(rows, tok, max_seq_length=8, overlong="drop")
+    assert ds.where == ["row 0", "row 2"]
+    assert ds.stats == DataStats(rows=3, examples=2, dropped_overlong=["row 1"])
+    assert "1 dropped as longer than max_seq_length (row 1)" in caplog.text
+
+
+def test_an_unknown_overlong_setting_or_a_bad_max_seq_length_is_a_config_error(tok):
+    with pytest.raises(ConfigError, match="overlong='cut'"):
+        prepare_dataset([{"text": "x"}], tok, max_seq_length=8, overlong="cut")
+    with pytest.raises(ConfigError, match="max_seq_length=0"):
+        prepare_dataset([{"text": "x"}], tok, max_seq_length=0)
+
+
+def test_a_chat_whose_reply_truncation_cuts_off_is_dropped_as_unlabelled(tok, caplog):
+    velotune.get_chat_template(tok, "chatml")
+    long_question = [{"role": "user", "content": LONG * 3}, {"role": "assistant", "content": "Yes."}]
+    rows = [{"messages": CHAT[1:3]}, {"messages": long_question}]
+    short, long = (prepare_dataset([r], tok, max_seq_length=None)[0] for r in rows)
+    first_label = int((long["labels"] != IGNORE_INDEX).nonzero()[0])
+    assert len(short["input_ids"]) <= first_label  # row 0 stays whole, row 1 loses its whole reply
+    with caplog.at_level(logging.WARNING):
+        ds = prepare_dataset(rows, tok, max_seq_length=first_label)
+    assert ds.where == ["row 0"]
+    assert ds.stats.truncated == ["row 1"] and ds.stats.dropped_unlabelled == ["row 1"]
+    assert "1 dropped with every label masked (row 1)" in caplog.text
+
+
+# A template that writes nothing for an empty reply: such a row has no token to learn from.
+SKIPS_EMPTY_REPLIES = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+    "{% elif m['content'] %}A: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+)
+
+
+def test_rows_whose_labels_are_all_masked_are_dropped_counted_and_logged(tok, caplog):
+    tok.chat_template = SKIPS_EMPTY_REPLIES
+    empty = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": ""}]
+    rows = [{"messages": CHAT[1:3]}, {"messages": empty}, {"messages": CHAT[1:3]}, {"messages": empty}]
+    with caplog.at_level(logging.WARNING):
+        ds = prepare_dataset(rows, tok, max_seq_length=None)
+    assert ds.where == ["row 0", "row 2"]
+    assert ds.stats == DataStats(rows=4, examples=2, dropped_unlabelled=["row 1", "row 3"])
+    assert "2 dropped with every label masked (row 1, row 3)" in caplog.text
+
+
+def test_when_no_row_has_a_label_the_error_says_so(tok):
+    tok.chat_template = SKIPS_EMPTY_REPLIES
+    empty = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": ""}]
+    with pytest.raises(DataError, match=r"no row is left to learn from: 0 of 1 rows kept; 1 dropped with every label"):
+        prepare_dataset([{"messages": empty}], tok, max_seq_length=None)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.jsonl", ""),
+        ("blank.jsonl", "\n  \n\n"),
+        ("empty.json", "[]"),
+        ("header_only.csv", "text\n"),
+        ("nothing.csv", ""),
+    ],
+)
+def test_an_empty_file_is_a_data_error_naming_it(tok, tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=rf"{name} holds no rows"):
+        prepare_dataset(str(tmp_path / name), tok, max_seq_length=None)
+
+
+def test_an_empty_list_is_a_data_error(tok):
+    with pytest.raises(DataError, match="no rows"):
+        prepare_dataset([], tok, max_seq_length=None)
+
+
+def test_a_line_that_is_not_json_or_not_utf8_is_named(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "cut\n')
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: not valid JSON"):
+        prepare_dataset(str(path), tok, max_seq_length=None)
+    path.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl line 3: not UTF-8"):
+        prepare_dataset(str(path), tok, max_seq_length=None)
+    path.write_bytes(b'{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: expected a JSON object, got list"):
+        prepare_dataset(str(path), tok, max_seq_length=None)
+
+
+def test_every_broken_row_is_reported_at_once_with_its_1_based_line_and_field(tok, tmp_path):
+    velotune.get_chat_template(tok, "chatml")
+    good = {"messages": CHAT}
+    bad = [
+        {"messages": "hello"},  # line 2
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},  # line 3
+        {"messages": [{"role": ["user"], "content": "x"}]},  # line 4
+        {"messages": [{"role": "user", "content": "x"}]},  # line 5
+        {"messages": [{"role": "user"}]},  # line 6
+        {"no_messages": 1},  # line 7
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, *bad, good]) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare_dataset(str(path), tok, max_seq_length=None)
+    message = str(err.value)
+    assert message.startswith("6 of 8 rows cannot be used")
+    for expected in [
+        "chats.jsonl line 2: field 'messages' should be list, got str",
+        "chats.jsonl line 3: turn 0 'content' should be a string, got int",
+        "chats.jsonl line 4: turn 0 has role ['user']",
+        "chats.jsonl line 5: the conversation has no assistant turn",
+        "chats.jsonl line 6: turn 0 needs 'role' and 'content' keys",
+        "chats.jsonl line 7: missing field 'messages'",
+    ]:
+        assert expected in message, (expected, message)
+
+
+def test_text_and_alpaca_fields_that_are_not_strings_are_named(tok):
+    with pytest.raises(DataError, match="row 1: field 'text' should be str, got int"):
+        prepare_dataset([{"text": "a"}, {"text": 3}], tok, max_seq_length=None)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="row 0: field 'input' should be str, got list"):
+        prepare_dataset([{"instruction": "a", "input": ["b"], "output": "c"}], tok, max_seq_length=None)
+    with pytest.raises(DataError, match="row 1: missing field 'output'"):
+        prepare_dataset([{"instruction": "a", "output": "c"}, {"instruction": "a"}], tok, max_seq_length=None)
+
+
+@pytest.mark.parametrize(
+    "roles, pattern",
+    [
+        (["user", "user", "assistant"], "turns 0 and 1 are both 'user'"),
+        (["user", "assistant", "assistant"], "turns 1 and 2 are both 'assistant'"),
+        (["system", "system", "user", "assistant"], "turn 1 is a system turn"),
+        (["user", "assistant", "system", "user", "assistant"], "turn 2 is a system turn"),
+    ],
+)
+def test_conversations_whose_roles_do_not_alternate_are_refused_naming_the_turns(tok, roles, pattern):
+    velotune.get_chat_template(tok, "chatml")
+    turns = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(roles)]
+    with pytest.raises(DataError, match=rf"row 0: {pattern}"):
+        prepare_dataset([{"messages": turns}], tok, max_seq_length=None)
+
+
+def test_sharegpt_roles_alternate_by_their_mapped_role(tok):
+    velotune.get_chat_template(tok, "chatml")
+    turns = [{"from": "human", "value": "a"}, {"from": "user", "value": "b"}, {"from": "gpt", "value": "c"}]
+    with pytest.raises(DataError, match="row 0: turns 0 and 1 are both 'user'"):
+        prepare_dataset([{"conversations": turns}], tok, max_seq_length=None)
+
+
+def test_a_template_that_refuses_a_conversation_names_the_row(tok):
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.index0 == 0 and m['role'] != 'system' %}"
+        "{{ raise_exception('a system prompt is required') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    rows = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
+    with pytest.raises(DataError, match="row 1: the chat template cannot render this conversation.*system prompt is required"):
+        prepare_dataset(rows, tok, max_seq_length=None)
+
+
+def test_csv_rows_are_named_by_file_line_even_across_quoted_newlines(tok, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('other,text\nx,"two\nlines"\ny\n')
+    with pytest.raises(DataError, match=r"d\.csv line 4: missing field 'text'"):
+        prepare_dataset(str(path), tok, max_seq_length=None)
+
+
+def test_a_corrupt_parquet_file_is_a_data_error(tok, tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
+        prepare_dataset(str(tmp_path / "d.parquet"), tok, max_seq_length=None)

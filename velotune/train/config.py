@@ -20,6 +20,7 @@
       text_field: text
       chat_template: null        # null: the tokenizer's own; or llama-3 | chatml | mistral | gemma | phi-3 | qwen-2.5
       train_on_responses_only: true
+      overlong: truncate         # rows longer than max_seq_length: truncate | drop | error
     training:                    # every field of velotune.train.TrainingArguments
       output_dir: outputs
       ...
@@ -76,6 +77,7 @@ class DataSection:
     text_field: str = "text"
     chat_template: str | None = None
     train_on_responses_only: bool = True
+    overlong: str = "truncate"
 
 
 @dataclass
@@ -235,7 +237,8 @@ def run(config: Config) -> str:
             f"{m.name} has no tokenizer; training needs the model's tokenizer files in its folder."
         )
     prep = dict(max_seq_length=m.max_seq_length, format=d.format, text_field=d.text_field,
-                chat_template=d.chat_template, train_on_responses_only=d.train_on_responses_only)  # fmt: skip
+                chat_template=d.chat_template, train_on_responses_only=d.train_on_responses_only,
+                overlong=d.overlong)  # fmt: skip
     train = prepare_dataset(d.train, tokenizer, **prep)
     evaluation = prepare_dataset(d.eval, tokenizer, **prep) if d.eval else None
     logger.info("data: %d training examples (%d label tokens)", len(train), train.num_label_tokens())

@@ -8,8 +8,28 @@ of dicts, in one of four shapes:
     messages   {"messages": [{"role": "user", "content": "..."}, ...]}
     sharegpt   {"conversations": [{"from": "human", "value": "..."}, ...]}
 
-Every problem with a row (missing field, unknown role, too long) is reported as a `DataError`
-naming the file and line (or row) before any training starts.
+Every problem with a row is found before any training starts, and named by where the row lives:
+"data.jsonl line 12" (JSON Lines and CSV: the 1-based line of the file), "data.json item 3" and
+"data.parquet row 3" (0-based index in the file), "row 3" (0-based index of a list or dataset).
+
+    empty file or no rows             DataError naming the file
+    a line that is not JSON / UTF-8   DataError naming the line
+    missing or non-string field       DataError naming the row and field
+    unknown role, role not a string   DataError naming the row and turn
+    roles that do not alternate       DataError naming the row and the turns (a conversation is an
+                                      optional system turn, then user and assistant turns in
+                                      alternation: two user or two assistant turns in a row are an
+                                      error, not merged, since merging would change what is learnt)
+    no assistant turn                 DataError naming the row
+    template refuses the chat         DataError naming the row, with the template's message
+    longer than max_seq_length        `overlong`: "truncate" (default: keep the first max_seq_length
+                                      tokens), "drop", or "error"; counted and logged
+    every label masked                dropped (it would add nothing to the loss), counted and logged;
+                                      a DataError if no row is left
+
+Row errors are collected over the whole data and raised together (the count and the first ten), so
+one pass finds every broken row. What was truncated or dropped is in the returned dataset's
+`stats` (a `DataStats`), and logged.
 
 Response-only labels are found from the rendered text, not from per-template marker strings: for
 assistant turn i, the template is rendered for the turns before it plus the generation prompt, and
@@ -26,7 +46,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +63,8 @@ _SHAREGPT_ROLES = {
     "chatgpt": "assistant", "system": "system",
 }  # fmt: skip
 _ROLES = ("system", "user", "assistant")
+OVERLONG = ("truncate", "drop", "error")
+_SHOWN = 10  # row errors and examples of dropped rows shown in a message
 _ALPACA_HEAD = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
 
 
@@ -63,48 +85,85 @@ def _rows_from_file(path: str) -> list[Row]:
     name = os.path.basename(path)
     ext = name.lower().rsplit(".", 1)[-1]
     if ext == "jsonl":
-        return _rows_from_jsonl(path, name)
-    if ext == "json":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            return _rows_from_jsonl(path, name)  # many ".json" files are JSON Lines
-        if isinstance(data, Mapping):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(
-                    f"{path}: expected a JSON list of objects (or one object holding one such list)."
-                )
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}.")
-        return [_checked(Row(f"{name} item {i}", r)) for i, r in enumerate(data)]
-    if ext == "csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            # Line 1 is the header, so data row i sits on line i + 2 (for rows without embedded newlines).
-            return [Row(f"{name} line {i + 2}", r) for i, r in enumerate(csv.DictReader(f))]
-    if ext == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`).") from exc
-        return [Row(f"{name} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    raise DataError(f"{path}: unknown data file type {ext!r}; use .jsonl, .json, .csv or .parquet.")
+        rows = _rows_from_jsonl(path, name)
+    elif ext == "json":
+        rows = _rows_from_json(path, name)
+    elif ext == "csv":
+        rows = _rows_from_csv(path, name)
+    elif ext == "parquet":
+        rows = _rows_from_parquet(path, name)
+    else:
+        raise DataError(f"{path}: unknown data file type {ext!r}; use .jsonl, .json, .csv or .parquet.")
+    if not rows:
+        raise DataError(f"{path} holds no rows (the file is empty, or blank lines / a header only).")
+    return rows
 
 
 def _rows_from_jsonl(path: str, name: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # Bytes, decoded line by line, so that a bad byte is reported at its line.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{name} line {line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
             if not line.strip():
                 continue
             try:
-                rows.append(_checked(Row(f"{name} line {line_no}", json.loads(line))))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name} line {line_no}: not valid JSON ({exc.msg}).") from None
+                fields = json.loads(line)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                raise DataError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}).") from None
+            rows.append(_checked(Row(where, fields)))
     return rows
+
+
+def _rows_from_json(path: str, name: str) -> list[Row]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return _rows_from_jsonl(path, name)  # many ".json" files are JSON Lines
+    if isinstance(data, Mapping):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of objects (or one object holding one such list).")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}.")
+    return [_checked(Row(f"{name} item {i}", r)) for i, r in enumerate(data)]
+
+
+def _rows_from_csv(path: str, name: str) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            # reader.line_num is the file line the row ended on (rows may hold quoted newlines).
+            for r in reader:
+                rows.append(Row(f"{name} line {reader.line_num}", r))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{name} near line {reader.line_num + 1}: not UTF-8 text ({exc.reason}).") from None
+        except csv.Error as exc:
+            raise DataError(f"{name} line {reader.line_num}: not valid CSV ({exc}).") from None
+    return rows
+
+
+def _rows_from_parquet(path: str, name: str) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`).") from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError) on a corrupt or non-Parquet file
+        raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}).") from exc
+    return [Row(f"{name} row {i}", r) for i, r in enumerate(table.to_pylist())]
 
 
 def _checked(row: Row) -> Row:
@@ -121,7 +180,7 @@ def read_rows(source) -> list[Row]:
         raise DataError(
             f"got a DatasetDict with splits {list(source.column_names)}; pass one split, e.g. ds['train']."
         )
-    if isinstance(source, Iterable):
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
         return [_checked(Row(f"row {i}", r)) for i, r in enumerate(source)]
     raise DataError(f"cannot read training data from {type(source).__name__}; pass a file path, a datasets.Dataset "
                     "or a list of dicts.")  # fmt: skip
@@ -158,7 +217,7 @@ def _field(row: Row, key: str, kind: type = str, optional: bool = False):
 
 
 def row_messages(row: Row, fmt: str) -> list[dict]:
-    """The row as a chat: a list of {"role", "content"} dicts."""
+    """The row as a chat: a list of {"role", "content"} dicts, checked as the module docstring says."""
     if fmt == "alpaca":
         instruction = _field(row, "instruction")
         extra = _field(row, "input", optional=True)
@@ -178,21 +237,36 @@ def row_messages(row: Row, fmt: str) -> list[dict]:
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
-            raise DataError(
-                f"{row.where}: turn {i} needs {role_key!r} and {content_key!r} keys, got {turn!r}."
-            )
-        role = turn[role_key]
-        role = roles.get(role) if roles is not None else role
+            raise DataError(f"{row.where}: turn {i} needs {role_key!r} and {content_key!r} keys, got {turn!r:.200}.")
+        given = turn[role_key]
+        role = (roles.get(given) if roles is not None else given) if isinstance(given, str) else None
         if role not in _ROLES:
-            raise DataError(
-                f"{row.where}: turn {i} has role {turn[role_key]!r}; expected one of {list(_ROLES)}."
-            )
+            expected = sorted(roles) if roles is not None else list(_ROLES)
+            raise DataError(f"{row.where}: turn {i} has role {given!r:.100}; expected one of {expected}.")
         if not isinstance(turn[content_key], str):
-            raise DataError(f"{row.where}: turn {i} content should be a string.")
+            raise DataError(
+                f"{row.where}: turn {i} {content_key!r} should be a string, got {type(turn[content_key]).__name__}."
+            )
         messages.append({"role": role, "content": turn[content_key]})
+    _check_turn_order(row, messages)
+    return messages
+
+
+def _check_turn_order(row: Row, messages: list[dict]) -> None:
+    """An optional system turn first, then user and assistant turns alternating, with at least one
+    assistant turn. Consecutive same-role turns are refused rather than merged: joining them needs a
+    separator the data did not choose, and two assistant turns in a row would train on a reply the
+    model never sees asked for."""
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise DataError(f"{row.where}: turn {i} is a system turn; only the first turn may be one.")
+        if i > 0 and m["role"] == messages[i - 1]["role"]:
+            raise DataError(
+                f"{row.where}: turns {i - 1} and {i} are both {m['role']!r}; user and assistant turns must "
+                "alternate. Merge or remove one of them."
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{row.where}: the conversation has no assistant turn, so there is nothing to learn.")
-    return messages
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -239,6 +313,28 @@ def _alpaca_text(row: Row) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------ tokenizing
 
 
+@dataclass
+class DataStats:
+    """What `prepare_dataset` did with the rows it read: `rows` read, `examples` kept, and where (the
+    row names of) every example it truncated or dropped."""
+
+    rows: int
+    examples: int
+    truncated: list[str] = field(default_factory=list)  # longer than max_seq_length, cut (overlong="truncate")
+    dropped_overlong: list[str] = field(default_factory=list)  # longer than max_seq_length (overlong="drop")
+    dropped_unlabelled: list[str] = field(default_factory=list)  # no token to learn from
+
+    def summary(self) -> str:
+        parts = [f"{self.examples} of {self.rows} rows kept"]
+        for what, rows in (("truncated to max_seq_length", self.truncated),
+                           ("dropped as longer than max_seq_length", self.dropped_overlong),
+                           ("dropped with every label masked", self.dropped_unlabelled)):  # fmt: skip
+            if rows:
+                shown = ", ".join(rows[:3]) + (", ..." if len(rows) > 3 else "")
+                parts.append(f"{len(rows)} {what} ({shown})")
+        return "; ".join(parts)
+
+
 class TokenizedDataset:
     """Token ids and labels of every example, stored flat (int32) with offsets: compact at any size.
 
@@ -246,19 +342,30 @@ class TokenizedDataset:
     transformers.Trainer take.
     """
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, where: list[str]):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        where: list[str],
+        stats: DataStats | None = None,
+    ):
         self.ids, self.labels, self.offsets, self.where = ids, labels, offsets, where
+        self.stats = stats if stats is not None else DataStats(rows=len(where), examples=len(where))
 
     @classmethod
     def from_examples(
-        cls, examples: Sequence[tuple[Sequence[int], Sequence[int]]], where: list[str] | None = None
+        cls,
+        examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        where: list[str] | None = None,
+        stats: DataStats | None = None,
     ):
         lengths = [len(ids) for ids, _ in examples]
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((t for e, _ in examples for t in e), dtype=np.int32, count=int(offsets[-1]))
         labels = np.fromiter((t for _, e in examples for t in e), dtype=np.int32, count=int(offsets[-1]))
-        return cls(ids, labels, offsets, where or [f"row {i}" for i in range(len(examples))])
+        return cls(ids, labels, offsets, where or [f"row {i}" for i in range(len(examples))], stats)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -310,6 +417,7 @@ def prepare_dataset(
     text_field: str = "text",
     chat_template: str | None = None,
     train_on_responses_only: bool = True,
+    overlong: str = "truncate",
     batch_rows: int = 1000,
 ) -> TokenizedDataset:
     """Reads, renders and tokenizes `source`, ready for the trainer.
@@ -317,16 +425,28 @@ def prepare_dataset(
     Args:
         source: a path (.jsonl/.json/.csv/.parquet), a `datasets.Dataset`, or a sequence of dicts.
         tokenizer: the model's (fast) tokenizer.
-        max_seq_length: a longer example is a DataError (None: no limit).
+        max_seq_length: the longest example kept whole (None: no limit).
         format: "auto" (from the first row), "text", "alpaca", "messages" or "sharegpt".
         text_field: the field holding plain text, for the "text" format.
         chat_template: a built-in template name to set on the tokenizer (see `get_chat_template`);
             None keeps the tokenizer's own.
         train_on_responses_only: labels only on assistant replies (chat / Alpaca rows).
+        overlong: what to do with an example longer than max_seq_length: "truncate" (keep its first
+            max_seq_length tokens, as TRL's SFTTrainer does), "drop" it, or "error". Truncated and
+            dropped rows are counted in the result's `stats` and logged.
+
+    Every broken row is reported at once, in one DataError; see the module docstring for the rules.
+    Examples with no label left (e.g. a reply cut off by truncation) are dropped, counted and logged.
     """
+    if overlong not in OVERLONG:
+        raise ConfigError(f"overlong={overlong!r}: use one of {list(OVERLONG)}.")
+    if max_seq_length is not None and not (
+        isinstance(max_seq_length, int) and not isinstance(max_seq_length, bool) and max_seq_length >= 1
+    ):
+        raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive integer or None.")
     rows = read_rows(source)
     if not rows:
-        raise DataError("the training data has no rows.")
+        raise DataError("the training data has no rows (an empty list or dataset).")
     if format == "auto":
         format = "text" if text_field != "text" and text_field in rows[0].fields else detect_format(rows[0])
     if format not in FORMATS:
@@ -341,24 +461,20 @@ def prepare_dataset(
     bos = tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
     eos = tokenizer.eos_token_id
-    examples, where = [], []
+    examples, where, problems = [], [], []
     for chunk_start in range(0, len(rows), batch_rows):
-        chunk = rows[chunk_start : chunk_start + batch_rows]
-        texts, spans = [], []
-        for row in chunk:
-            if format == "text":
-                text = _field(row, text_field)
-                texts.append(text)
-                spans.append(None)
-            elif format == "alpaca" and not has_template:
-                prompt, answer = _alpaca_text(row)
-                eos_text = tokenizer.eos_token or ""
-                texts.append(prompt + answer + eos_text)
-                spans.append([(len(prompt), len(prompt) + len(answer) + len(eos_text))])
-            else:
-                text, turn_spans = render_chat(tokenizer, row_messages(row, format))
-                texts.append(text)
-                spans.append(turn_spans)
+        chunk, texts, spans = [], [], []
+        for row in rows[chunk_start : chunk_start + batch_rows]:
+            try:
+                text, row_spans = _render_row(row, format, text_field, tokenizer, has_template)
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            chunk.append(row)
+            texts.append(text)
+            spans.append(row_spans)
+        if not chunk:
+            continue
         ids_list, offsets_list = _tokenize_with_offsets(tokenizer, texts)
         for row, ids, offsets, row_spans in zip(chunk, ids_list, offsets_list, spans):
             ids = np.asarray(ids, dtype=np.int64)
@@ -378,28 +494,66 @@ def prepare_dataset(
                 labels[0] = IGNORE_INDEX  # no token predicts the first one
             examples.append((ids, labels))
             where.append(row.where)
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN])
+        more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+        raise DataError(f"{len(problems)} of {len(rows)} rows cannot be used:\n  {shown}{more}")
 
-    _check_lengths(examples, where, max_seq_length)
-    dropped = [i for i, (_, labels) in enumerate(examples) if not (labels != IGNORE_INDEX).any()]
-    if dropped:
-        if len(dropped) == len(examples):
-            raise DataError("no row has a token to learn from (every label is masked).")
-        logger.warning("dropped %d of %d rows with no label tokens (first: %s)", len(dropped), len(examples),
-                       where[dropped[0]])  # fmt: skip
-        gone = set(dropped)
-        examples = [e for i, e in enumerate(examples) if i not in gone]
-        where = [w for i, w in enumerate(where) if i not in gone]
-    return TokenizedDataset.from_examples(examples, where)
+    stats = DataStats(rows=len(rows), examples=0)
+    examples, where = _fit_lengths(examples, where, max_seq_length, overlong, stats)
+    kept = [i for i, (_, labels) in enumerate(examples) if (labels != IGNORE_INDEX).any()]
+    if len(kept) < len(examples):
+        gone = set(range(len(examples))) - set(kept)
+        stats.dropped_unlabelled = [where[i] for i in sorted(gone)]
+        examples, where = [examples[i] for i in kept], [where[i] for i in kept]
+    stats.examples = len(examples)
+    if not examples:
+        raise DataError(f"no row is left to learn from: {stats.summary()}.")
+    if stats.truncated or stats.dropped_overlong or stats.dropped_unlabelled:
+        logger.warning("training data: %s", stats.summary())
+    else:
+        logger.info("training data: %s", stats.summary())
+    return TokenizedDataset.from_examples(examples, where, stats)
 
 
-def _check_lengths(examples, where: list[str], max_seq_length: int | None) -> None:
+def _render_row(row: Row, format: str, text_field: str, tokenizer, has_template: bool):
+    """(text, assistant spans or None for plain text) of one row; DataError names the row."""
+    if format == "text":
+        return _field(row, text_field), None
+    if format == "alpaca" and not has_template:
+        prompt, answer = _alpaca_text(row)
+        eos_text = tokenizer.eos_token or ""
+        return prompt + answer + eos_text, [(len(prompt), len(prompt) + len(answer) + len(eos_text))]
+    messages = row_messages(row, format)
+    try:
+        return render_chat(tokenizer, messages)
+    except Exception as exc:  # Jinja's TemplateError (raise_exception in the template) and kin
+        raise DataError(
+            f"{row.where}: the chat template cannot render this conversation ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _fit_lengths(examples, where: list[str], max_seq_length: int | None, overlong: str, stats: DataStats):
+    """Applies `overlong` to the examples longer than max_seq_length, recording what it did in `stats`."""
     if max_seq_length is None:
-        return
+        return examples, where
     long = [i for i, (ids, _) in enumerate(examples) if len(ids) > max_seq_length]
-    if long:
+    if not long:
+        return examples, where
+    if overlong == "error":
         shown = ", ".join(f"{where[i]} ({len(examples[i][0])} tokens)" for i in long[:5])
         more = f" and {len(long) - 5} more" if len(long) > 5 else ""
         raise DataError(
             f"{len(long)} example(s) longer than max_seq_length={max_seq_length}: {shown}{more}. Shorten or drop "
-            "them, or load the model with a larger max_seq_length."
+            "them, set overlong='truncate' or 'drop', or load the model with a larger max_seq_length."
         )
+    if overlong == "drop":
+        stats.dropped_overlong = [where[i] for i in long]
+        gone = set(long)
+        return [e for i, e in enumerate(examples) if i not in gone], [w for i, w in enumerate(where) if i not in gone]
+    stats.truncated = [where[i] for i in long]
+    out = list(examples)
+    for i in long:
+        ids, labels = examples[i]
+        out[i] = (ids[:max_seq_length], labels[:max_seq_length])
+    return out, where
