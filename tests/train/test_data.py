@@ -371,3 +371,73 @@ def test_a_corrupt_parquet_file_is_a_data_error(tok, tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
         prepare_dataset(str(tmp_path / "d.parquet"), tok, max_seq_length=None)
+
+
+def test_random_rows_either_prepare_or_fail_with_a_data_error(tok):
+    """Hypothesis throws batches of rows at prepare_dataset (fixed budget, derandomized): well-formed
+    rows of one shape mixed with arbitrary JSON values anywhere. Each batch is prepared, with no
+    example over max_seq_length and none without a label, or refused with a DataError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    velotune.get_chat_template(tok, "chatml")
+    words = st.text(alphabet="abc xyz.?", min_size=0, max_size=30)
+    scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8)
+    anything = st.recursive(scalar, lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(max_size=5), x, max_size=3),
+                            max_leaves=8)  # fmt: skip
+
+    def chat(role_key, content_key, user, assistant):
+        turn = lambda r: st.fixed_dictionaries({role_key: st.just(r), content_key: words})  # noqa: E731
+        pair = st.tuples(turn(user), turn(assistant))
+        return st.lists(pair, min_size=1, max_size=3).map(lambda ps: [t for p in ps for t in p])
+
+    valid = {
+        "text": st.fixed_dictionaries({"text": words}),
+        "alpaca": st.fixed_dictionaries({"instruction": words, "output": words}, optional={"input": words}),
+        "messages": st.fixed_dictionaries({"messages": chat("role", "content", "user", "assistant")}),
+        "sharegpt": st.fixed_dictionaries({"conversations": chat("from", "value", "human", "gpt")}),
+    }
+
+    def spoiled(row, data):
+        """The row with one value somewhere replaced by an arbitrary one (or a key removed)."""
+        target = row
+        while True:
+            key = data.draw(st.sampled_from(sorted(target))) if isinstance(target, dict) and target else None
+            if key is None:
+                return row
+            if isinstance(target[key], list) and target[key] and data.draw(st.booleans()):
+                target = data.draw(st.sampled_from(target[key]))
+                continue
+            if data.draw(st.booleans()):
+                target[key] = data.draw(anything)
+            else:
+                del target[key]
+            return row
+
+    outcomes = []
+
+    @settings(max_examples=150, derandomize=True, database=None, deadline=5000,
+              suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    @given(data=st.data())
+    def run(data):
+        shape = data.draw(st.sampled_from(sorted(valid)))
+        rows = data.draw(st.lists(valid[shape], min_size=1, max_size=4))
+        for i in range(len(rows)):
+            if data.draw(st.integers(0, 5)) == 0:
+                rows[i] = spoiled(rows[i], data)
+        if data.draw(st.integers(0, 9)) == 0:
+            rows.append(data.draw(anything))
+        max_seq_length = data.draw(st.sampled_from([None, 1, 4, 16, 64]))
+        overlong = data.draw(st.sampled_from(["truncate", "drop", "error"]))
+        try:
+            ds = prepare_dataset(rows, tok, max_seq_length=max_seq_length, overlong=overlong)
+        except DataError:
+            outcomes.append("refused")
+            return
+        outcomes.append("prepared")
+        assert len(ds) == ds.stats.examples > 0
+        assert max_seq_length is None or int(ds.lengths.max()) <= max_seq_length
+        assert all((ds[i]["labels"] != IGNORE_INDEX).any() for i in range(len(ds)))
+
+    run()
+    assert outcomes.count("prepared") > 30 and outcomes.count("refused") > 30, outcomes
