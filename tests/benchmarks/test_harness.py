@@ -212,6 +212,7 @@ def test_report_states_the_goals_unmeasured_when_there_are_no_results(tmp_path):
 PUBLISHED_PARAMS = {
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
     "qwen2.5-7b": 7_615_616_512,
     "mistral-7b": 7_248_023_552,
     "gemma-2-9b": 9_241_705_984,

@@ -85,7 +85,8 @@ def main() -> int:
             _step(model, ids)
             mem[on_host] = (loaded, torch.cuda.max_memory_allocated() - base)
             if on_host:
-                # 3. for_inference / for_training round trip
+                # 3. for_inference / for_training round trip ("auto": out for training, back for inference)
+                model.embedding_placement = "auto"
                 FastLanguageModel.for_inference(model)
                 back = not model.embedding_on_host
                 tokens = model.generate(ids[:1, :16], max_new_tokens=8, do_sample=False)
@@ -101,8 +102,10 @@ def main() -> int:
             loaded_bytes_gpu=mem[False][0], loaded_bytes_host=mem[True][0],
             peak_bytes_gpu=mem[False][1], peak_bytes_host=mem[True][1],
         )  # fmt: skip
-        if mem[False][0] - mem[True][0] != table:
-            failures.append(f"load memory dropped by {mem[False][0] - mem[True][0]} bytes, expected {table}")
+        # The caching allocator hands out large blocks in 2 MiB steps.
+        rounded = -(-table // (2 << 20)) * (2 << 20)
+        if not table <= mem[False][0] - mem[True][0] <= rounded:
+            failures.append(f"load memory dropped by {mem[False][0] - mem[True][0]} bytes, expected {table}..{rounded}")
         if mem[False][1] - mem[True][1] < table:
             failures.append(f"peak dropped by {mem[False][1] - mem[True][1]} bytes, expected >= {table}")
     report["failures"] = failures
