@@ -10,7 +10,8 @@ gives the eager step's tokens. Then every system loads the same random checkpoin
 (built once by `benchmarks.train_step.prepare_model_folder`, cached) in its own process and
 generates greedily from the same random prompts (32 tokens, no end-of-sequence token, so every
 system generates the same number of tokens): velotune (CUDA graph), Transformers' `generate`
-(bf16; 4-bit through bitsandbytes), Unsloth's `FastLanguageModel.for_inference` when it imports.
+(bf16; 4-bit through bitsandbytes), Unsloth's `FastLanguageModel.for_inference` when it imports, as
+users get it and with its opt-in CUDA-graph decoding (UNSLOTH_DECODE_CUDA_GRAPHS=1, "unsloth_graphs").
 The slow peers generate --peer-new-tokens tokens (the table says so): their tokens/s does not
 depend on the length, their Python overhead per token does not change. Tokens/s = batch x new
 tokens / wall time of one generate call (prompt included), after one untimed call.
@@ -41,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("velotune", "hf", "unsloth", "velotune_eager")
-PEERS = ("hf", "unsloth")
+SYSTEMS = ("velotune", "hf", "unsloth", "unsloth_graphs", "velotune_eager")
+# Unsloth replays its decode step from CUDA graphs only when asked (plain generate() leaves them off).
+SYSTEM_ENV = {"unsloth_graphs": {"UNSLOTH_DECODE_CUDA_GRAPHS": "1"}}
 PRECISIONS = ("bf16", "4bit")
 PROMPT_LEN = 32
 CHECK_FAMILIES = ("llama", "qwen3", "gemma2", "phi3", "mixtral")
@@ -142,7 +144,7 @@ def _load(spec: dict[str, Any]):
             return model.generate(ids, attention_mask=mask, max_new_tokens=n, use_cuda_graph=graph)
 
         return model, generate, {}
-    if system == "unsloth":
+    if system.startswith("unsloth"):
         from unsloth import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(
@@ -150,7 +152,7 @@ def _load(spec: dict[str, Any]):
             load_in_4bit=four_bit, use_exact_model_name=True,
         )  # fmt: skip
         FastLanguageModel.for_inference(model)
-        notes = {"for_inference": True}
+        notes = {"for_inference": True, **SYSTEM_ENV.get(system, {})}
     else:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -188,7 +190,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         Path(spec["result_path"]).write_text(json.dumps(result))
 
     try:
-        if spec["system"] == "unsloth":
+        if spec["system"].startswith("unsloth"):
             import unsloth  # noqa: F401  (before torch: it patches Transformers on import)
         import torch
 
@@ -261,6 +263,7 @@ def run_worker(spec: dict[str, Any], log_dir: Path, timeout_s: float) -> dict[st
     spec_path = log_dir / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(SYSTEM_ENV.get(spec["system"], {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     with open(log_dir / f"{tag}.log", "w") as log:
@@ -322,8 +325,8 @@ def markdown(records: list[dict[str, Any]], checks: list[dict[str, Any]], head: 
         + (": FAILED " + ", ".join(c["check"] for c in failed) if failed else "."),
         "",
         "| system | precision | batch | new tokens | tokens/s | ms / step | vs Transformers | vs Unsloth "
-        "| % of bound | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs Unsloth graphs | % of bound | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def rate(system: str, precision: str, batch: int) -> float | None:
@@ -338,18 +341,19 @@ def markdown(records: list[dict[str, Any]], checks: list[dict[str, Any]], head: 
         if r["status"] != "ok":
             why = r.get("skip_reason") or (r.get("error") or {}).get("message", "?")
             lines.append(f"| {r['system']} | {r['precision']} | {r['batch']} | | {r['status']}: "
-                         f"{str(why)[:120]} | | | | | |")  # fmt: skip
+                         f"{str(why)[:120]} | | | | | | |")  # fmt: skip
             continue
-        hf, un = rate("hf", r["precision"], r["batch"]), rate("unsloth", r["precision"], r["batch"])
-        x_hf = f"{r['tokens_per_s'] / hf:.1f}x" if hf and r["system"] != "hf" else ""
-        x_un = f"{r['tokens_per_s'] / un:.1f}x" if un and r["system"] != "unsloth" else ""
+        ratios = []
+        for peer in ("hf", "unsloth", "unsloth_graphs"):
+            other = rate(peer, r["precision"], r["batch"])
+            ratios.append(f"{r['tokens_per_s'] / other:.1f}x" if other and r["system"] != peer else "")
         bound = ""
         if head.get("bound_tok_s") and r["precision"] == "bf16":
             bound = f"{100 * r['tokens_per_s'] / r['batch'] / head['bound_tok_s']:.0f}%"
         peak = f"{r['peak_allocated_bytes'] / 2**30:.1f}" if r.get("peak_allocated_bytes") else ""
         lines.append(
             f"| {r['system']} | {r['precision']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.1f} "
-            f"| {r['ms_per_step']:.2f} | {x_hf} | {x_un} | {bound} | {peak} |"
+            f"| {r['ms_per_step']:.2f} | {' | '.join(ratios)} | {bound} | {peak} |"
         )
     lines += ["", "% of bound: per-row tokens/s over the batch-1 weight-read bound (bf16 rows only).", ""]
     seen = set()
@@ -373,7 +377,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON-lines file and the table")
     p.add_argument("--model", default="llama-3.1-8b", help="a shape of benchmarks/shapes.py")
-    p.add_argument("--systems", default="velotune,hf,unsloth", help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems", default="velotune,hf,unsloth,unsloth_graphs", help=f"comma list of {', '.join(SYSTEMS)}"
+    )
     p.add_argument("--precisions", default="bf16,4bit", help="comma list of bf16, 4bit")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=512, help="tokens velotune generates per call")

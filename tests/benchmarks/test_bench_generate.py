@@ -51,6 +51,6 @@ def test_the_markdown_compares_each_row_with_the_peers_at_the_same_precision_and
 
     records = [row("velotune", 1, 120.0), row("hf", 1, 10.0), row("unsloth", 1, 30.0), row("velotune", 8, 800.0)]
     text = bench_generate.markdown(records, [{"check": "x", "ok": True}], head)
-    assert "| velotune | bf16 | 1 | 8 | 120.0 | 1.00 | 12.0x | 4.0x | 60% |" in text
-    assert "| velotune | bf16 | 8 | 8 | 800.0 | 1.00 |  |  | 50% |" in text
+    assert "| velotune | bf16 | 1 | 8 | 120.0 | 1.00 | 12.0x | 4.0x |  | 60% |" in text
+    assert "| velotune | bf16 | 8 | 8 | 800.0 | 1.00 |  |  |  | 50% |" in text
     assert "1 of 1 passed" in text
