@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any --section.key=value after the config overrides that YAML value, e.g. --training.max_steps=100.",
     )
     t.add_argument("config", help="path of the YAML config")
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment (LOCAL_RANK).
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
     from velotune.memory.planner import add_plan_command
 

@@ -43,7 +43,7 @@ def run_one_process(spec_path: str) -> None:
 
 
 def run_two_processes(spec_path: str) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -177,7 +177,9 @@ def test_fsdp2_with_lora_on_two_ranks_shards_the_base_and_trains_the_adapter_lik
     # FSDP2 unit; under checkpointing the recompute runs on the layer's gathered weights.
     common = dict(model=folder, lora=True, load_in_4bit=load_in_4bit, examples=11, data_seed=1, eval_examples=5,
                   checkpointing=checkpointing, checkpoint_policy=policy)  # fmt: skip
-    kw = dict(gradient_accumulation_steps=2, packing=True, max_seq_length=24, save_steps=2, save_total_limit=None)
+    kw = dict(
+        gradient_accumulation_steps=2, packing=True, max_seq_length=24, save_steps=2, save_total_limit=None
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
     run_two_processes(write_spec(tmp_path, "two", **common, report_shards=True, args=training_args(
@@ -202,6 +204,69 @@ def test_fsdp2_full_finetuning_with_checkpoints_and_mlp_tiles_matches_one_rank(f
     run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
         two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
     assert_same_run(one, two, "trainable.safetensors")
+
+
+def deepspeed_config(tmp_path, stage: int) -> str:
+    path = os.path.join(tmp_path, f"ds_zero{stage}.json")
+    with open(path, "w") as f:  # the batch sizes, accumulation and clipping come from the training settings
+        json.dump({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+                   "gradient_clipping": "auto"}, f)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    "stage, load_in_4bit, checkpointing",
+    [(2, True, "offload"), (3, False, False)],
+    ids=["zero2-qlora-offloaded-checkpoints", "zero3-lora"],
+)
+def test_deepspeed_zero_on_two_ranks_trains_the_adapter_like_one_rank(
+    folder, tmp_path, stage, load_in_4bit, checkpointing
+):
+    # The last step of the epoch has one micro-batch of the two: DeepSpeed's accumulation boundary follows it.
+    common = dict(model=folder, lora=True, load_in_4bit=load_in_4bit, examples=11, data_seed=1, eval_examples=5,
+                  checkpointing=checkpointing)  # fmt: skip
+    kw = dict(
+        gradient_accumulation_steps=2, packing=True, max_seq_length=24, save_steps=2, save_total_limit=None
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
+    run_two_processes(write_spec(tmp_path, "two", **common, args=training_args(
+        two, batch_size=2, deepspeed=deepspeed_config(tmp_path, stage), **kw)))  # fmt: skip
+    assert_same_run(one, two, "adapter_model.safetensors")
+    # The checkpoint holds the one-process layout, gathered out of ZeRO's partitions: one process resumes it.
+    on_one = tmp_path / "on_one"
+    run_one_process(write_spec(tmp_path, "on_one", **common, resume=str(two / "checkpoint-2"),
+                               args=training_args(on_one, batch_size=4, **kw)))  # fmt: skip
+    assert_resumed_final_step(on_one, two, "adapter_model.safetensors")
+
+
+def test_deepspeed_zero3_full_finetuning_matches_one_rank_and_resumes_a_one_process_checkpoint(
+    folder, tmp_path
+):
+    # Two parameter groups (weight decay or not), clipping, warm-up: the optimizer state written into ZeRO-3's
+    # partitions on resume must land on the right parameters.
+    common = dict(model=folder, lora=False, examples=10, data_seed=2, eval_examples=3)
+    kw = dict(packing=False, save_steps=2, save_total_limit=None, lr_scheduler="cosine", warmup_steps=1,
+              weight_decay=0.01, max_grad_norm=0.5, gradient_accumulation_steps=2)  # fmt: skip
+    ds = dict(deepspeed=deepspeed_config(tmp_path, 3))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(write_spec(tmp_path, "one", **common, args=training_args(one, batch_size=4, **kw)))
+    run_two_processes(
+        write_spec(tmp_path, "two", **common, args=training_args(two, batch_size=2, **ds, **kw))
+    )
+    assert_same_run(one, two, "trainable.safetensors")
+    opt_two = torch.load(os.path.join(two, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    opt_one = torch.load(os.path.join(one, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    assert [g["params"] for g in opt_two["param_groups"]] == [g["params"] for g in opt_one["param_groups"]]
+    assert opt_two["state"].keys() == opt_one["state"].keys()
+    for index, values in opt_one["state"].items():
+        for key, value in values.items():
+            other = opt_two["state"][index][key]
+            assert other.shape == value.shape and (other - value).abs().max() <= 1e-5 * value.abs().max(), key
+    on_two = tmp_path / "on_two"
+    run_two_processes(write_spec(tmp_path, "on_two", **common, resume=str(one / "checkpoint-2"),
+                                 args=training_args(on_two, batch_size=2, **ds, **kw)))  # fmt: skip
+    assert_resumed_final_step(on_two, one)
 
 
 @pytest.fixture(scope="module")

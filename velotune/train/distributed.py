@@ -194,6 +194,7 @@ class Parallel:
         self.wrapped: nn.Module | None = None
         self.model: nn.Module | None = None
         self.engine = None  # DeepSpeed's engine
+        self._last_micro_batch = True
         self.param_groups: list[list[nn.Parameter]] = []  # the optimizer's groups before ZeRO flattened them
 
     @property
@@ -319,8 +320,12 @@ class Parallel:
     # ------------------------------------------------------------------------------------ step
 
     def sync_gradients(self, last_micro_batch: bool):
-        """Gradients are reduced after the last micro-batch of a step only (DDP no_sync / FSDP2's flag;
-        DeepSpeed counts the micro-batches itself)."""
+        """Gradients are reduced after the last micro-batch of a step only (DDP no_sync / FSDP2's flag /
+        DeepSpeed's accumulation boundary, set here because a step at the end of an epoch may have fewer
+        micro-batches than gradient_accumulation_steps)."""
+        self._last_micro_batch = last_micro_batch
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last_micro_batch)
         if self.strategy == "ddp" and not last_micro_batch:
             return self.wrapped.no_sync()
         if self.strategy == "fsdp":
@@ -334,14 +339,15 @@ class Parallel:
         return self.world_size
 
     def backward(self, loss: torch.Tensor, scaler=None) -> None:
-        """The backward of one micro-batch. Under DeepSpeed it is the engine's backward and step: the engine
-        reduces, clips and steps the optimizer itself at the last micro-batch of an optimizer step, and
-        the trainer then skips its own clipping and step."""
+        """The backward of one micro-batch (inside `sync_gradients`). Under DeepSpeed it is the engine's
+        backward, and after the last micro-batch of a step the engine's step: it reduces, clips and steps
+        the optimizer itself, and the trainer then skips its own clipping and step."""
         if self.world_size > 1:
             loss = loss * self.loss_scale
         if self.engine is not None:
             self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
+            if self._last_micro_batch:
+                self.engine.step()
             return
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
@@ -406,7 +412,9 @@ class Parallel:
         if self.strategy == "deepspeed":
             from velotune.train import zero
 
-            return _WholeOptimizerState(self, optimizer, zero.optimizer_state(optimizer, self.param_groups))
+            return _WholeOptimizerState(
+                self, optimizer, zero.optimizer_state(self.engine, optimizer, self.param_groups)
+            )
         if self.strategy != "fsdp":
             return optimizer
         saved = optimizer.state_dict()

@@ -61,7 +61,7 @@ def build_config(
 
     Raises ConfigError when the file is missing or not JSON, or contradicts the training settings.
     """
-    if isinstance(source, dict):
+    if not isinstance(source, (str, os.PathLike)):
         config = json.loads(json.dumps(source))  # a deep copy that is also JSON-clean
     else:
         path = os.fspath(source)
@@ -174,17 +174,25 @@ def whole_parameter(p: nn.Parameter) -> torch.Tensor:
     return whole.reshape(shape).to(p.dtype)
 
 
-def _flat_partitions(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The tensors ZeRO steps the (client) optimizer on: flat fp32 partitions, one or more per group."""
-    return [flat for group in optimizer.param_groups for flat in group["params"]]
+def _flat_partitions(engine, optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict]]:
+    """(flat fp32 partition, its parameter group) for each tensor ZeRO steps the optimizer on: ZeRO-1/2 put
+    them in the groups, ZeRO-3 puts each in its group only while it steps it."""
+    zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        return [(flat, optimizer.param_groups[zero.sub_group_to_group_id[i]])
+                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]  # fmt: skip
+    return [(flat, group) for group in optimizer.param_groups for flat in group["params"]]
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, groups: list[list[nn.Parameter]]) -> dict:
+def optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[nn.Parameter]]) -> dict:
     """The AdamW state in the one-process layout (what `optimizer.state_dict()` of an unwrapped AdamW over
     `groups` gives), gathered out of ZeRO's partitions (a collective: every rank calls it)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    flat_states = [optimizer.state[flat] for flat in _flat_partitions(optimizer) if optimizer.state.get(flat)]
+    _link_state_fragments(engine)
+    flat_states = [
+        optimizer.state[flat] for flat, _ in _flat_partitions(engine, optimizer) if optimizer.state.get(flat)
+    ]
     state: dict[int, dict] = {}
     param_groups, index = [], 0
     for group, params in zip(optimizer.param_groups, groups):
@@ -203,6 +211,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer, groups: list[list[nn.Param
     return {"state": state, "param_groups": param_groups}
 
 
+def _link_state_fragments(engine) -> None:
+    """ZeRO-1/2 map each parameter to its fragment of the flat optimizer state once, right after stepping
+    the first parameter group for the first time: the other groups' states do not exist yet then, and
+    their parameters stay unmapped (safe_get/set_full_optimizer_state fail on them). Mapping again once
+    every group has its state fixes that (ZeRO-3 needs no mapping)."""
+    zero = engine.optimizer
+    if hasattr(zero, "_hp_optimizer_states_linked") and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def load_optimizer_state(
     engine, optimizer: torch.optim.Optimizer, groups: list[list[nn.Parameter]], saved: dict
 ):
@@ -217,20 +236,15 @@ def load_optimizer_state(
         return
     first = next(iter(saved["state"].values()))
     per_element = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
-    for group in optimizer.param_groups:
+    for flat, group in _flat_partitions(engine, optimizer):
+        st = optimizer.state[flat]
+        # AdamW creates its state at the first step; a resumed run needs it before.
+        for key in per_element:
+            if key not in st:
+                st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         on_device = group.get("fused") or group.get("capturable")
-        for flat in group["params"]:
-            st = optimizer.state[flat]
-            # AdamW creates its state at the first step; a resumed run needs it before.
-            for key in per_element:
-                if key not in st:
-                    st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            st["step"] = first["step"].detach().to(flat.device if on_device else "cpu", torch.float32).clone()
-    zero = engine.optimizer
-    if hasattr(zero, "_hp_optimizer_states_linked") and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-1/2 map each parameter to its fragment of the flat state when the state first appears.
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+        st["step"] = first["step"].detach().to(flat.device if on_device else "cpu", torch.float32).clone()
+    _link_state_fragments(engine)
     index = 0
     for params in groups:
         for p in params:
