@@ -26,8 +26,9 @@ from velotune.errors import CheckpointError, VelotuneError
 from velotune.io.load import load_model
 from velotune.io.safetensors_reader import DTYPE_SIZES, read_header
 
-# Deterministic (same examples every run, no example database), and bounded: the budgets below
-# take a few seconds each on one CPU core.
+# Derandomized (a fixed seed per test, no example database) and bounded: the budgets below take a
+# few seconds each on one CPU core. The examples can still shift a little with what ran earlier in
+# the same process (seen under pytest-xdist), so the counts checked after each run have wide margins.
 FUZZ = settings(
     derandomize=True,
     database=None,
@@ -123,12 +124,56 @@ def join_safetensors(header: dict, data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data
 
 
+SAME_SIZE = [["F32", "I32", "U32"], ["F16", "BF16", "I16", "U16"], ["I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"]]
+
+
+def valid_variant(data, raw: bytes) -> bytes:
+    """A header that breaks no rule but differs from what the safetensors writer produces: entries
+    reordered, metadata added, a dtype of the same size, a reshape, zero-size tensors at tensor
+    boundaries, whitespace padding; then, half of the time, one hostile edit on top (so that a
+    rule is probed right at the edge of valid input)."""
+    header, body = split_safetensors(raw)
+    names = sorted(k for k in header if k != "__metadata__")
+    for _ in range(data.draw(st.integers(1, 4), label="changes")):
+        change = data.draw(st.sampled_from(["reorder", "metadata", "dtype", "reshape", "empty"]))
+        name = data.draw(st.sampled_from(names), label="tensor")
+        entry = header[name]
+        if change == "reorder":
+            order = data.draw(st.permutations(list(header)))
+            header = {k: header[k] for k in order}
+        elif change == "metadata":
+            header["__metadata__"] = data.draw(
+                st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)
+            )
+        elif change == "dtype":
+            group = next(g for g in SAME_SIZE if entry["dtype"] in g)
+            entry["dtype"] = data.draw(st.sampled_from(group))
+        elif change == "reshape":
+            numel = 1
+            for d in entry["shape"]:
+                numel *= d
+            entry["shape"] = data.draw(
+                st.sampled_from([[numel], [1, numel], [numel, 1], [*entry["shape"], 1]])
+            )
+        elif change == "empty":
+            at = data.draw(st.sampled_from([0, *(header[n]["data_offsets"][1] for n in names)]))
+            shape = data.draw(st.sampled_from([[0], [0, 7], [3, 0, 2]]))
+            header[f"empty.{len(header)}"] = {"dtype": data.draw(st.sampled_from(list(DTYPE_SIZES))),
+                                               "shape": shape, "data_offsets": [at, at]}  # fmt: skip
+    text = json.dumps(header).encode() + b" " * data.draw(st.integers(0, 9), label="padding")
+    raw = len(text).to_bytes(8, "little") + text + body
+    return hostile_edit(data, raw) if data.draw(st.booleans(), label="spoil") else raw
+
+
 def mutate_safetensors(data, raw: bytes) -> bytes:
-    """One of: byte flips in the prefix/header, truncation, a hostile header length, or edits of the
-    parsed header (a field set to a bogus value or a neighbour's, deleted, a tensor added or removed)
-    re-serialised with a consistent length and a possibly resized data section."""
+    """One of: byte flips in the prefix/header, truncation, a hostile header length, hostile edits of
+    the parsed header, or a valid variant (possibly with one hostile edit on top)."""
     header_end = 8 + int.from_bytes(raw[:8], "little")
-    kind = data.draw(st.sampled_from(["flip", "truncate", "length", "edit", "edit", "edit"]), label="kind")
+    kind = data.draw(
+        st.sampled_from(["flip", "truncate", "length", "edit", "edit", "valid", "valid"]), label="kind"
+    )
+    if kind == "valid":
+        return valid_variant(data, raw)
     if kind == "flip":
         out = bytearray(raw)
         for _ in range(data.draw(st.integers(1, 8), label="flips")):
@@ -157,6 +202,13 @@ def mutate_safetensors(data, raw: bytes) -> bytes:
             label="length",
         )
         return max(value, 0).to_bytes(8, "little") + raw[8:]
+    return hostile_edit(data, raw)
+
+
+def hostile_edit(data, raw: bytes) -> bytes:
+    """Edits of the parsed header (a field set to a bogus value or a neighbour's, offsets shifted,
+    deleted, a tensor added or removed), re-serialised with a consistent length and a possibly
+    resized data section."""
     header, body = split_safetensors(raw)
     names = sorted(k for k in header if k != "__metadata__")
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
@@ -283,8 +335,8 @@ def test_every_safetensors_header_the_reader_accepts_reads_back_exactly(llama_fo
                     assert tensor.element_size() == DTYPE_SIZES[info["dtype"]]
 
     run()
-    # Both sides of the property were exercised (fixed by derandomize: the same counts every run).
-    assert outcomes["refused"] > 100 and outcomes["accepted"] > 10, outcomes
+    # Both sides of the property were exercised (seen: 212-240 refused, 60-88 accepted).
+    assert outcomes["refused"] > 100 and outcomes["accepted"] > 30, outcomes
 
 
 def test_a_folder_with_a_mutated_shard_loads_or_fails_with_a_velotune_error(llama_folder):
@@ -303,7 +355,7 @@ def test_a_folder_with_a_mutated_shard_loads_or_fails_with_a_velotune_error(llam
             outcomes[load_or_refuse(folder)] += 1
 
     run()
-    assert outcomes["refused"] > 50 and outcomes["loaded"] > 0, outcomes
+    assert outcomes["refused"] > 50 and outcomes["loaded"] > 5, outcomes  # seen: 116-124 and 26-34
 
 
 def test_a_mutated_config_json_loads_or_fails_with_a_velotune_error_before_allocating_beyond_its_weights(
@@ -322,4 +374,4 @@ def test_a_mutated_config_json_loads_or_fails_with_a_velotune_error_before_alloc
             outcomes[load_or_refuse(folder)] += 1
 
     run()
-    assert outcomes["refused"] > 50 and outcomes["loaded"] > 10, outcomes
+    assert outcomes["refused"] > 50 and outcomes["loaded"] > 10, outcomes  # seen: 171-174 and 26-29

@@ -440,4 +440,4 @@ def test_random_rows_either_prepare_or_fail_with_a_data_error(tok):
         assert all((ds[i]["labels"] != IGNORE_INDEX).any() for i in range(len(ds)))
 
     run()
-    assert outcomes.count("prepared") > 30 and outcomes.count("refused") > 30, outcomes
+    assert outcomes.count("prepared") > 15 and outcomes.count("refused") > 50, outcomes  # seen: 41 and 109
