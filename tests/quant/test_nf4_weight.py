@@ -62,6 +62,27 @@ def test_dtype_casts_change_the_compute_dtype_but_never_the_stored_format():
     assert w.dtype == torch.float32 and torch.equal(w.dequantize(), dense)
 
 
+def test_stored_as_parameters_for_fsdp2_the_codes_and_scales_keep_their_bytes():
+    # Odd byte counts (1,093 code bytes, 35 absmax codes in the middle part): the float32 carriers are padded.
+    w, dense = _weight(((0, 40), (40, 23), (63, 24)), in_features=95)
+    fields = ("data", "absmax", "nested_absmax", "code", "nested_code", "nested_offset")
+    before = [{f: getattr(q, f).clone() for f in fields} for _, q in w.parts()]
+    w.store_as_parameters()
+    params = dict(w.named_parameters())
+    # FSDP2 (before torch 2.12) shards floating-point parameters only, and none of these may get a gradient.
+    assert len(params) == 3 * 3 and all(
+        p.dtype == torch.float32 and not p.requires_grad for p in params.values()
+    )
+    assert all("code" in name or "offset" in name for name, _ in w.named_buffers())
+    for (_, q), saved in zip(w.parts(), before):
+        for f in fields:
+            got = getattr(q, f)
+            assert got.dtype == saved[f].dtype and torch.equal(got, saved[f]), f
+    assert torch.equal(w.dequantize(), dense)
+    w.to(torch.float16)
+    assert all(p.dtype == torch.float32 for p in w.parameters()) and torch.equal(w.dequantize(), dense.half())
+
+
 def test_misplaced_missing_or_sliced_parts_are_refused():
     w = NF4Weight(64, 96, torch.float32, device="cpu")
     w.set_part(0, quantize_nf4_reference(torch.randn(40, 96)))

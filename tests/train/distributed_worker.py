@@ -6,7 +6,7 @@ SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "example
 optionally "load_in_4bit", "device_map" ("cpu"), "dtype" ("float32"), "eval_examples", "resume" (a checkpoint),
 "checkpointing" (the model's gradient_checkpointing: false, true or "offload"), "checkpoint_policy",
 "mlp_tile_tokens", "report_shards" (write shards-rank<r>.json: this rank's and the whole element counts of the
-model's parameters after training, by dtype).
+model's parameters after training, by dtype, the 4-bit weights' as "nf4").
 Writes the trained result with Trainer.save_model into args.output_dir.
 """
 
@@ -72,9 +72,11 @@ def without_shared_memory_all_reduce() -> None:
 def report_shards(model, folder: str) -> None:
     from torch.distributed.tensor import DTensor
 
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root unit gathered after a forward (here: the evaluation)
+        model.reshard()
     local, whole = {}, {}
-    for p in model.parameters():
-        key = str(p.dtype).removeprefix("torch.")
+    for name, p in model.named_parameters():
+        key = "nf4" if ".part" in name else str(p.dtype).removeprefix("torch.")  # 4-bit codes and scales
         part = p.to_local() if isinstance(p, DTensor) else p
         local[key] = local.get(key, 0) + part.numel()
         whole[key] = whole.get(key, 0) + p.numel()

@@ -185,7 +185,7 @@ def test_fsdp2_with_lora_on_two_ranks_shards_the_base_and_trains_the_adapter_lik
     run_two_processes(write_spec(tmp_path, "two", **common, report_shards=True, args=training_args(
         two, batch_size=2, parallel="fsdp", **kw)))  # fmt: skip
     assert_same_run(one, two, "adapter_model.safetensors")
-    assert_sharded(two, ["uint8"] if load_in_4bit else ["float32"])
+    assert_sharded(two, ["nf4", "float32"] if load_in_4bit else ["float32"])
     if not load_in_4bit and not checkpointing:
         # The adapter's checkpoint, gathered from 2 ranks, resumes on 1.
         on_one = tmp_path / "on_one"

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from velotune.errors import KernelError
+from velotune.kernels._dispatch import use_triton
+from velotune.quant import nf4_matmul
 from velotune.quant.nf4 import NF4Tensor, dequantize_nf4
 
 _FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "nested_offset")
@@ -42,6 +44,15 @@ def scratch_buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torc
         buf = torch.empty(numel, dtype=dtype, device=device)
         _scratch[key] = buf
     return buf[:numel]
+
+
+def _float32_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as a flat float32 tensor (a copy, zero-padded to a multiple of 4 bytes)."""
+    raw = t.detach().reshape(-1).view(torch.uint8)
+    pad = -raw.numel() % 4
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    return raw.clone().view(torch.float32)
 
 
 def release_scratch() -> None:
@@ -69,6 +80,7 @@ class NF4Weight(nn.Module):
         # Per part: (first row, rows, original dtype, blocksize, nested_blocksize); tensors are buffers.
         self._parts: list[tuple[int, int, torch.dtype, int, int]] = []
         self._views: list[tuple[int, NF4Tensor]] | None = None  # parts() built once per placement or move
+        self._bitcast: dict[str, tuple[torch.dtype, int]] = {}  # see store_as_parameters
 
     @property
     def shape(self) -> torch.Size:
@@ -123,15 +135,31 @@ class NF4Weight(nn.Module):
         """Keeps the packed codes and block scales as frozen parameters (requires_grad=False) instead of
         buffers, under the same names, so that FSDP2 shards them over the ranks like any weight (1-D, so
         along their length); the code tables and offset stay buffers, whole on every rank. Sharded, the
-        parameters are whole inside the layer's forward and backward only, which is when they are read."""
+        parameters are whole inside the layer's forward and backward only, which is when they are read.
+
+        FSDP2 before torch 2.12 shards floating-point parameters only, so the uint8 codes are stored as
+        float32 bit patterns (4 bytes per value, zero-padded at the end): they are copied and gathered,
+        never converted, and read back as the original bytes."""
         for index in range(len(self._parts)):
             for field in _PER_ELEMENT:
                 name = f"part{index}_{field}"
                 t = self._buffers.get(name)
-                if t is not None:
-                    del self._buffers[name]
-                    self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+                if t is None:
+                    continue
+                del self._buffers[name]
+                if not t.is_floating_point():
+                    self._bitcast[name] = (t.dtype, t.numel())
+                    t = _float32_bits(t)
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
         self._views = None
+
+    def _field(self, index: int, field: str) -> torch.Tensor | None:
+        name = f"part{index}_{field}"
+        t = getattr(self, name)
+        if name in self._bitcast:
+            dtype, numel = self._bitcast[name]
+            t = t.view(dtype)[:numel]
+        return t
 
     def parts(self) -> list[tuple[int, NF4Tensor]]:
         """(first row, NF4Tensor) of every part, in row order."""
@@ -141,7 +169,7 @@ class NF4Weight(nn.Module):
             return self._views
         out = []
         for index, (row0, rows, dtype, blocksize, nested_blocksize) in enumerate(self._parts):
-            tensors = {field: getattr(self, f"part{index}_{field}") for field in _FIELDS}
+            tensors = {field: self._field(index, field) for field in _FIELDS}
             q = NF4Tensor(shape=(rows, self.in_features), dtype=dtype, blocksize=blocksize,
                           nested_blocksize=nested_blocksize, **tensors)  # fmt: skip
             out.append((row0, q))
@@ -172,6 +200,12 @@ class NF4Weight(nn.Module):
         """x2 [T, in] @ W^T -> [T, out] in x2's dtype, dequantizing one part at a time into the scratch buffer."""
         self._check_complete()
         parts = self.parts()
+        if use_triton(x2) and all(nf4_matmul.applies(x2, q) for _, q in parts):
+            # A few rows (a decoding step) are bound by the weight's bytes: read it packed, once.
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+            for row0, q in parts:
+                nf4_matmul.nf4_matmul_triton(x2, q, out=y[:, row0 : row0 + q.shape[0]])
+            return y
         if len(parts) == 1:
             return torch.mm(x2, self._part_in_scratch(parts[0][1], x2.dtype).t())
         y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
