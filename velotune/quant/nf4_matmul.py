@@ -14,9 +14,10 @@ Floor: N*K/2 bytes of codes + N*K/64 scale bytes read, M*K read and M*N written:
 quarter of a bf16 GEMV's bytes, a ninth of dequantize-then-GEMM. Nothing is saved for backward (this is
 a forward for inference; gradients go through `NF4Weight.grad_input`).
 
-Each program owns BLOCK_N weight rows and walks K one quantization block at a time (so a row needs one
-scale per step); the at most MAX_ROWS rows of x are padded to 16 for tl.dot. Rows of the weight are whole
-blocks (in_features % blocksize == 0, true of every checkpoint; the caller checks it).
+Each program owns BLOCK_N weight rows and walks K a few whole quantization blocks at a time (STEP_ELEMENTS
+per row, so that enough bytes are in flight with only a few programs per SM), each block with its scale;
+the at most MAX_ROWS rows of x are padded to 16 for tl.dot. Rows of the weight are whole blocks
+(in_features % blocksize == 0, true of every checkpoint; `applies` checks it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from velotune.quant.nf4 import NF4Tensor, dequantize_nf4_reference
 
 MAX_ROWS = 16  # rows of x the kernel takes in one program (tl.dot's smallest tile)
 BLOCK_N = 16  # weight rows per program: Llama-8B's 4,096-row projections give 256 programs
+STEP_ELEMENTS = 256  # weight elements of each row read per loop step (whole quantization blocks)
 NUM_WARPS = 4
 NUM_STAGES = 4
 
@@ -40,33 +42,36 @@ def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
     M, N, K, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    STEP: tl.constexpr = BLOCKS_PER_STEP * BLOCKSIZE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     half = tl.arange(0, BLOCKSIZE // 2)
-    cols = tl.arange(0, BLOCKSIZE)
     blocks_per_row = K // BLOCKSIZE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, blocks_per_row):
-        block = rows * blocks_per_row + kb  # [BLOCK_N] quantization block of each row at this step
+    for kb0 in range(0, blocks_per_row, BLOCKS_PER_STEP):
+        kb = kb0 + tl.arange(0, BLOCKS_PER_STEP)
+        ok = row_ok[:, None] & (kb < blocks_per_row)[None, :]
+        block = rows[:, None] * blocks_per_row + kb[None, :]  # [BLOCK_N, BLOCKS_PER_STEP] quantization blocks
         if DOUBLE_QUANT:
-            q = tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)
-            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
+            q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=ok, other=0.0)
             absmax = tl.load(nested_code_ptr + q) * scale2 + tl.load(offset_ptr)
         else:
-            absmax = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
-        byte = tl.load(
-            packed_ptr + block[:, None] * (BLOCKSIZE // 2) + half[None, :], mask=row_ok[:, None], other=0
-        )
-        byte = byte.to(tl.int32)
-        hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
-        lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
-        w = tl.interleave(hi, lo).to(x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCKSIZE], k in order
+            absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+        byte_idx = block[:, :, None] * (BLOCKSIZE // 2) + half[None, None, :]
+        byte = tl.load(packed_ptr + byte_idx, mask=ok[:, :, None], other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, :, None]
+        lo = tl.load(code_ptr + (byte & 15)) * absmax[:, :, None]
+        # [BLOCK_N, STEP] in k order, rounded to the input dtype as the dequantized weight is.
+        w = tl.reshape(tl.interleave(hi, lo), (BLOCK_N, STEP)).to(x_ptr.dtype.element_ty)
+        k = kb0 * BLOCKSIZE + tl.arange(0, STEP)
         x = tl.load(
-            x_ptr + ms[:, None] * stride_xm + (kb * BLOCKSIZE + cols)[None, :], mask=m_ok[:, None], other=0.0
+            x_ptr + ms[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0
         )
         if UPCAST:  # the interpreter computes a 16-bit tl.dot wrongly
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
@@ -114,8 +119,9 @@ def nf4_matmul_triton(x2: torch.Tensor, q: NF4Tensor, out: torch.Tensor | None =
         q.nested_absmax if nested else q.absmax, q.nested_code if nested else q.code,
         q.nested_offset if nested else q.absmax, out,
         m, n, k, x2.stride(0), out.stride(0),
-        BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=nested, BLOCK_M=MAX_ROWS,
-        BLOCK_N=BLOCK_N, UPCAST=interp and x2.dtype != torch.float32, IEEE=x2.dtype == torch.float32,
+        BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=nested,
+        BLOCKS_PER_STEP=max(1, STEP_ELEMENTS // q.blocksize), BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N,
+        UPCAST=interp and x2.dtype != torch.float32, IEEE=x2.dtype == torch.float32,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=False,  # the scale is rebuilt with two roundings, as dequantization rounds it
     )  # fmt: skip
