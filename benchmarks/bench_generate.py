@@ -17,7 +17,8 @@ depend on the length, their Python overhead per token does not change. Tokens/s 
 tokens / wall time of one generate call (prompt included), after one untimed call.
 
 Writes OUT_DIR/generate-<stamp>.jsonl (one line per system, precision and batch, plus one line of
-checks) and OUT_DIR/generate-<stamp>.md, and prints the table. Keep these files out of
+checks), OUT_DIR/generate-<stamp>.md and the workers' logs (generate-<stamp>-logs.tar.gz), and prints
+the table. `benchmarks/gpu_generate.sh` runs it on the GPU machine with the peers bundle. Keep these files out of
 benchmarks/results/*.jsonl (the training report reads every JSON-lines file there): put them in
 benchmarks/results/generate/. With --budget-s the run stops starting systems in time and kills
 one that would run past the budget, so it ends cleanly before it.
@@ -32,6 +33,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,7 +271,7 @@ def run_worker(spec: dict[str, Any], log_dir: Path, timeout_s: float) -> dict[st
     with open(log_dir / f"{tag}.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bench_generate", "--worker", str(spec_path)],
-            cwd=log_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
             proc.wait(timeout=max(timeout_s, 1))
@@ -421,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    # Workers run in a scratch folder (peers write caches into their working directory); logs go below it.
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-generate-")) / "logs"
+    log_dir.mkdir()
     cfg = model_config(args.model)
     head = {
         "kind": "generate", "model": args.model, "timestamp": stamp, "git_commit": git_commit(),
@@ -476,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(r) + "\n")
     table = markdown(records, checks, head)
     (args.out / f"generate-{stamp}.md").write_text(table)
+    shutil.make_archive(str(args.out / f"generate-{stamp}-logs"), "gztar", log_dir)
     print(table)
     print(f"[bench] done in {time.time() - start:.0f} s; {jsonl}")
     return 0 if all(c["ok"] for c in checks) else 1

@@ -39,6 +39,7 @@ def test_the_benchmark_records_every_system_and_batch_and_writes_the_table(tmp_p
         assert rows[("unsloth", 1)]["status"] in ("skipped", "error")
     (table,) = (tmp_path / "out").glob("generate-*.md")
     assert "| velotune | bf16 | 1 | 6 |" in table.read_text()
+    assert len(list((tmp_path / "out").glob("generate-*-logs.tar.gz"))) == 1
 
 
 def test_the_markdown_compares_each_row_with_the_peers_at_the_same_precision_and_batch():
