@@ -231,6 +231,25 @@ class StaticDecoder:
         self.positions += 1
         cache.column += 1
 
+    def reencode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generated: int) -> None:
+        """Instead of a step: runs the whole sequence so far (prompt + `generated` tokens) through the model's
+        ordinary forward, rewriting the cache from column 0, and chooses the next token from its last position.
+
+        Transformers' Phi-3 does this once, at the step where the sequence first outgrows LongRoPE's original
+        length, so that every cached key is rotated with the long factors the later positions use.
+        """
+        tokens = torch.cat([input_ids, self.tokens[:, :generated]], dim=-1)
+        mask = torch.cat([attention_mask, torch.ones_like(self.tokens[:, :generated])], dim=-1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache.reset()
+        self.cache.decoding = False
+        out = self.model(tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         logits_to_keep=1)  # fmt: skip
+        self.key_mask.index_fill_(1, self.cache.column, True)
+        self.choose(out.logits[:, -1].float())
+        self.positions += 1
+        self.cache.column += 1
+
     def capture(self) -> None:
         """Records one step into a CUDA graph. Run at least one step eagerly first: it compiles the Triton
         kernels and sizes the 4-bit dequantization scratch buffer, neither of which a capture may do."""

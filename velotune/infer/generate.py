@@ -178,6 +178,7 @@ def generate(
         decoder.choose(out.logits[:, -1].float())
         del out
         generated, eager_steps = 1, 0
+        reencode_at = _longrope_switch(model.spec.rope, prompt_len)
         check = _DoneCheck(decoder.done_at, lagged=streamer is None)
         while True:
             finished_at = None
@@ -190,7 +191,9 @@ def generate(
                 streamed = _stream(streamer, decoder, streamed, finished_at or generated)
             if finished_at is not None or generated == max_new_tokens:
                 break
-            if decoder.graph is not None:
+            if prompt_len + generated == reencode_at:
+                decoder.reencode(input_ids, attention_mask, generated)
+            elif decoder.graph is not None:
                 decoder.replay()
             else:
                 decoder.step(side_stream=use_graph)
@@ -206,6 +209,15 @@ def generate(
         if streamer is not None:
             streamer.end()
         model.train(was_training)
+
+
+def _longrope_switch(rope, prompt_len: int) -> int | None:
+    """Sequence length (prompt + generated, padding included) at whose step Transformers' Phi-3 re-encodes the
+    whole sequence: the first step past LongRoPE's original length, when the prompt fit inside it."""
+    original = rope.original_max_position_embeddings
+    if rope.kind != "longrope" or original is None or prompt_len > original:
+        return None
+    return int(original) + 1
 
 
 def _check_stop_strings(decoder: StaticDecoder, stops: _StopStrings, input_ids: torch.Tensor, generated: int):
