@@ -95,6 +95,17 @@ def run_checks(device) -> list[dict[str, Any]]:
                     got["velotune_graph"] = _greedy(ours, ids, mask, n)
                     got["velotune_graph_again"] = _greedy(ours, ids, mask, n)  # the kept graph, replayed
                 record(f"{family} float32 greedy", got)
+                if family == "llama":
+                    # Rows that end at different steps (two end tokens), read back every 8 steps (lagged on CUDA).
+                    free = got["transformers"][:, ids.shape[1] :]
+                    eos = sorted({int(free[0, 4]), int(free[1, 9])})
+                    stop = dict(eos_token_id=eos, pad_token_id=0)
+                    ended = {"transformers": hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                                         **stop),
+                             "velotune_eager": _greedy(ours, ids, mask, n, use_cuda_graph=False, **stop)}  # fmt: skip
+                    if device.type == "cuda":
+                        ended["velotune_graph"] = _greedy(ours, ids, mask, n, **stop)
+                    record("llama float32 greedy, rows ending at different steps", ended)
                 if device.type == "cuda" and family != "mixtral":
                     ours16, _ = velotune.FastLanguageModel.from_pretrained(folder, dtype=torch.bfloat16,
                                                                            device_map=str(device), progress=False)  # fmt: skip

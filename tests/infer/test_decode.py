@@ -7,6 +7,7 @@ import torch
 import velotune
 from tests.model_zoo import save_hf_model
 from velotune.infer.decode import DeviceRope, Sampling, StaticDecoder, model_fingerprint
+from velotune.infer.generate import _DoneCheck
 from velotune.kernels.attention import attention_reference
 from velotune.models.kv_cache import decode_attention
 from velotune.models.rope_scaling import rope_cos_sin
@@ -98,3 +99,12 @@ def test_a_kept_decoder_is_reused_only_while_the_weights_and_settings_are_unchan
         model.norm.weight.data.clone()
     )  # a tensor replaced: a graph would read the old one
     assert not decoder.fits(model, 2, 30, greedy, None)
+
+
+def test_the_lagged_done_check_reports_each_value_one_check_late():
+    done_at = torch.tensor([64])
+    lagged, direct = _DoneCheck(done_at, lagged=True), _DoneCheck(done_at, lagged=False)
+    assert lagged.poll() == -1 and direct.poll() == 64  # nothing copied yet
+    done_at.fill_(9)
+    assert lagged.poll() == 64 and direct.poll() == 9
+    assert lagged.poll() == 9

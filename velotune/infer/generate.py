@@ -54,9 +54,10 @@ class _DoneCheck:
 
     def __init__(self, done_at: torch.Tensor, lagged: bool):
         self.source = done_at
-        self.lagged = lagged and done_at.is_cuda
-        self.host = torch.zeros(1, dtype=done_at.dtype, pin_memory=self.lagged)
-        self.event = torch.cuda.Event() if self.lagged else None
+        self.lagged = lagged
+        cuda = lagged and done_at.is_cuda
+        self.host = torch.zeros(1, dtype=done_at.dtype, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
         self.pending = False
 
     def poll(self) -> int:
@@ -65,10 +66,12 @@ class _DoneCheck:
             return int(self.source)
         value = -1
         if self.pending:
-            self.event.synchronize()
+            if self.event is not None:
+                self.event.synchronize()
             value = int(self.host[0])
         self.host.copy_(self.source, non_blocking=True)
-        self.event.record()
+        if self.event is not None:
+            self.event.record()
         self.pending = True
         return value
 
@@ -179,7 +182,7 @@ def generate(
         del out
         generated, eager_steps = 1, 0
         reencode_at = _longrope_switch(model.spec.rope, prompt_len)
-        check = _DoneCheck(decoder.done_at, lagged=streamer is None)
+        check = _DoneCheck(decoder.done_at, lagged=streamer is None and decoder.done_at.is_cuda)
         while True:
             finished_at = None
             if stops is not None:
