@@ -1,6 +1,6 @@
 """One training process for tests/train/test_distributed.py: run it alone (one process) or under torchrun.
 
-    python tests/train/distributed_worker.py SPEC.json
+    python tests/train/distributed_worker.py SPEC.json [SPEC.json ...]
 
 SPEC: {"model": folder, "lora": bool, "args": TrainingArguments fields, "examples": n, "data_seed": int} and
 optionally "load_in_4bit", "device_map" ("cpu"), "dtype" ("float32"), "eval_examples", "resume" (a checkpoint),
@@ -10,6 +10,7 @@ model's parameters after training, by dtype, the 4-bit weights' as "nf4").
 Writes the trained result with Trainer.save_model into args.output_dir.
 """
 
+import gc
 import json
 import os
 import sys
@@ -23,13 +24,19 @@ from velotune.train import distributed
 from velotune.train.data import TokenizedDataset
 
 
-def main(spec_path: str) -> None:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    if spec.get("args", {}).get("deepspeed") and os.environ.get("DS_ACCELERATOR") == "cpu":
+def main(*spec_paths: str) -> None:
+    specs = []
+    for path in spec_paths:
+        with open(path) as f:
+            specs.append(json.load(f))
+    if any(spec["args"].get("deepspeed") for spec in specs) and os.environ.get("DS_ACCELERATOR") == "cpu":
         without_shared_memory_all_reduce()
     distributed.init_from_env()
-    train(spec)  # returns having dropped the model and trainer, which hold the process group
+    for spec in specs:  # one after the other in the same process group (the GPU check runs its cases so)
+        train(spec)  # returns having dropped the model and trainer, which hold the process group
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     distributed.shutdown()
 
 
@@ -86,4 +93,4 @@ def report_shards(model, folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])  # the deepspeed launcher adds it
