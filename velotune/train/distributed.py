@@ -1,31 +1,39 @@
-"""Training on several processes: ranks from the environment, rows dealt to ranks, DDP or FSDP2.
+"""Training on several processes: ranks from the environment, rows dealt to ranks, DDP, FSDP2 or DeepSpeed.
 
 Launch the way torch users already do; the launcher sets RANK / WORLD_SIZE / LOCAL_RANK (and the
 rendezvous address), and the same YAML runs on one process or many:
 
     torchrun --nproc_per_node 8 -m velotune train config.yaml
     accelerate launch --num_processes 8 -m velotune train config.yaml
+    deepspeed --num_gpus 8 --module velotune train config.yaml     (with training.deepspeed: ds_config.json)
 
 Strategies (`training.parallel`):
     ddp    DistributedDataParallel. Only parameters with requires_grad get gradient buckets, so with LoRA
            or QLoRA only the adapter gradients are all-reduced, bucketed and overlapped with the backward.
     fsdp   FSDP2 (`torch.distributed.fsdp.fully_shard`): every decoder layer is one unit, then the root
-           (embeddings, final norm, LM head). Parameters, gradients and optimizer state are sharded.
+           (embeddings, final norm, LM head). Parameters, gradients and optimizer state are sharded. With
+           LoRA the frozen base and the adapters share each layer's unit (only the adapters' gradients are
+           reduce-scattered); with QLoRA the 4-bit codes and scales are sharded too, as frozen parameters
+           (`NF4Weight.store_as_parameters`). Gradient checkpointing (offloaded too) and MLP tiling run each
+           layer's recompute inside a forward method registered with FSDP2, on the gathered weights.
     auto   ddp when the model has a LoRA adapter, fsdp for full fine-tuning.
+With `training.deepspeed` (a DeepSpeed config file) DeepSpeed's engine runs ZeRO instead: see
+`velotune.train.zero`.
 
 How one optimizer step maps to ranks. The batch plan is a pure function of the seed, so every rank
 builds the same plan with global micro-batches of batch_size x world_size rows (rows are packed
 once over the whole data set, identically on every rank) and rank r takes rows
 [r * batch_size, (r + 1) * batch_size) of each one, as a DistributedSampler would. The label count
 of the whole global step is known from the plan on every rank without communication; each rank's
-loss is its summed token loss over that count and its backward scales it by world_size, because DDP
-and FSDP2 average gradients over ranks: the result is exactly the gradient one process would get
+loss is its summed token loss over that count and its backward scales it by world_size, because DDP,
+FSDP2 and ZeRO average gradients over ranks: the result is exactly the gradient one process would get
 from batch_size x world_size rows. A rank left without rows at the short end of an epoch runs a row
 whose labels are all ignored (zero loss, zero gradient) so that it still joins every collective.
 
 Checkpoints hold the full (unsharded) trainable tensors and optimizer state in the one-process
-layout, written by rank 0, so any world size resumes any checkpoint. The position in the data is
-the global step: the continuation is exact when batch_size x world_size x accumulation stays the same.
+layout, written by rank 0 (gathered from FSDP2's shards or ZeRO's partitions first), so any world
+size and strategy resumes any checkpoint. The position in the data is the global step: the
+continuation is exact when batch_size x world_size x accumulation stays the same.
 """
 
 from __future__ import annotations
