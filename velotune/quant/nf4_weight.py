@@ -197,7 +197,8 @@ class NF4Weight(nn.Module):
         return dequantize_nf4(q, out=buf).view(q.shape)
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [T, in] @ W^T -> [T, out] in x2's dtype, dequantizing one part at a time into the scratch buffer."""
+        """x2 [T, in] @ W^T -> [T, out] in x2's dtype, dequantizing one part at a time into the scratch buffer;
+        up to `nf4_matmul.MAX_ROWS` rows (a decoding step) multiply the packed parts directly instead."""
         self._check_complete()
         parts = self.parts()
         if use_triton(x2) and all(nf4_matmul.applies(x2, q) for _, q in parts):
