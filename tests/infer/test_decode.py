@@ -1,13 +1,16 @@
 """The pieces of the fixed-shape decode step: rope at device-held positions, attention over the whole
 static cache under masks, and when a kept decoder (and its CUDA graph) may be reused."""
 
+import logging
+import types
+
 import pytest
 import torch
 
 import velotune
 from tests.model_zoo import save_hf_model
 from velotune.infer.decode import DeviceRope, Sampling, StaticDecoder, model_fingerprint
-from velotune.infer.generate import _DoneCheck
+from velotune.infer.generate import _capture, _DoneCheck
 from velotune.kernels.attention import attention_reference
 from velotune.models.kv_cache import decode_attention
 from velotune.models.rope_scaling import rope_cos_sin
@@ -108,3 +111,18 @@ def test_the_lagged_done_check_reports_each_value_one_check_late():
     done_at.fill_(9)
     assert lagged.poll() == 64 and direct.poll() == 9
     assert lagged.poll() == 9
+
+
+def test_a_failed_capture_goes_on_eagerly_unless_the_graph_was_asked_for(caplog):
+    class Uncapturable:
+        graph = None
+
+        def capture(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = types.SimpleNamespace(_velotune_decoder="kept")
+    with caplog.at_level(logging.WARNING):
+        assert _capture(model, Uncapturable(), required=False) is False
+    assert model._velotune_decoder is None and "not permitted" in caplog.text
+    with pytest.raises(RuntimeError, match="not permitted"):
+        _capture(model, Uncapturable(), required=True)

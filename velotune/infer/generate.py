@@ -202,7 +202,7 @@ def generate(
                 decoder.step(side_stream=use_graph)
                 eager_steps += 1
                 if use_graph and eager_steps == 2:  # the eager steps compiled and sized everything it uses
-                    decoder.capture()
+                    use_graph = _capture(model, decoder, required=bool(use_cuda_graph))
             generated += 1
         n = min(int(decoder.done_at), generated)
         if streamer is not None:
@@ -212,6 +212,21 @@ def generate(
         if streamer is not None:
             streamer.end()
         model.train(was_training)
+
+
+def _capture(model, decoder: StaticDecoder, required: bool) -> bool:
+    """Captures the decode step; when that fails and the graph was not asked for explicitly, logs why and
+    goes on eagerly (same tokens, slower) instead of failing the generation."""
+    try:
+        decoder.capture()
+    except Exception as exc:
+        if required:
+            raise
+        logger.warning("decoding without a CUDA graph: capturing the decode step failed: %s", exc)
+        decoder.graph = None
+        model._velotune_decoder = None
+        return False
+    return True
 
 
 def _longrope_switch(rope, prompt_len: int) -> int | None:
