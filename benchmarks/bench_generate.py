@@ -92,8 +92,10 @@ def run_checks(device) -> list[dict[str, Any]]:
                 got = {"transformers": hf.generate(ids, attention_mask=mask, max_new_tokens=n, **hf_kwargs),
                        "velotune_eager": _greedy(ours, ids, mask, n, use_cuda_graph=False)}  # fmt: skip
                 if device.type == "cuda" and family != "mixtral":  # MoE decodes eagerly
-                    got["velotune_graph"] = _greedy(ours, ids, mask, n)
-                    got["velotune_graph_again"] = _greedy(ours, ids, mask, n)  # the kept graph, replayed
+                    got["velotune_graph"] = _greedy(ours, ids, mask, n, use_cuda_graph=True)
+                    got["velotune_graph_again"] = _greedy(
+                        ours, ids, mask, n, use_cuda_graph=True
+                    )  # the kept graph, replayed
                 record(f"{family} float32 greedy", got)
                 if family == "llama":
                     # Rows that end at different steps (two end tokens), read back every 8 steps (lagged on CUDA).
@@ -104,14 +106,14 @@ def run_checks(device) -> list[dict[str, Any]]:
                                                          **stop),
                              "velotune_eager": _greedy(ours, ids, mask, n, use_cuda_graph=False, **stop)}  # fmt: skip
                     if device.type == "cuda":
-                        ended["velotune_graph"] = _greedy(ours, ids, mask, n, **stop)
+                        ended["velotune_graph"] = _greedy(ours, ids, mask, n, use_cuda_graph=True, **stop)
                     record("llama float32 greedy, rows ending at different steps", ended)
                 if device.type == "cuda" and family != "mixtral":
                     ours16, _ = velotune.FastLanguageModel.from_pretrained(folder, dtype=torch.bfloat16,
                                                                            device_map=str(device), progress=False)  # fmt: skip
                     record(f"{family} bfloat16 graph vs eager",
                            {"velotune_eager": _greedy(ours16, ids, mask, n, use_cuda_graph=False),
-                            "velotune_graph": _greedy(ours16, ids, mask, n)})  # fmt: skip
+                            "velotune_graph": _greedy(ours16, ids, mask, n, use_cuda_graph=True)})  # fmt: skip
                     del ours16
                 del hf, ours
             except Exception as exc:  # a failing check is recorded, and the others still run
@@ -126,7 +128,7 @@ def run_checks(device) -> list[dict[str, Any]]:
                                                        **hf_kwargs),
                    "velotune_eager": _greedy(ours, ids, mask, n, use_cuda_graph=False)}  # fmt: skip
             if device.type == "cuda":
-                got["velotune_graph"] = _greedy(ours, ids, mask, n)
+                got["velotune_graph"] = _greedy(ours, ids, mask, n, use_cuda_graph=True)
             record("llama 4-bit base + unmerged LoRA, float32", got)
         except Exception as exc:
             checks.append({"check": "llama 4-bit + LoRA", "ok": False, "error": repr(exc)[:2000]})
@@ -151,7 +153,8 @@ def _load(spec: dict[str, Any]):
             spec["folder"], dtype=torch.bfloat16, load_in_4bit=four_bit, max_seq_length=None, progress=False
         )
         velotune.FastLanguageModel.for_inference(model)
-        graph = None if system == "velotune" else False  # None: the graph wherever it can run (CUDA)
+        # On CUDA the graph is required (a failed capture raises instead of quietly decoding eagerly).
+        graph = (True if torch.cuda.is_available() else None) if system == "velotune" else False
 
         def generate(ids, mask, n):
             return model.generate(ids, attention_mask=mask, max_new_tokens=n, use_cuda_graph=graph)
@@ -224,7 +227,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             result["phase"] = "graph vs eager"
             ids = torch.randint(3, spec["vocab"], (1, PROMPT_LEN), generator=gen).to(device)
             mask = torch.ones_like(ids)
-            graph_out = model.generate(ids, attention_mask=mask, max_new_tokens=48)
+            graph_out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=48, use_cuda_graph=cuda or None
+            )
             eager_out = model.generate(ids, attention_mask=mask, max_new_tokens=48, use_cuda_graph=False)
             result["graph_equals_eager_48_tokens"] = bool(torch.equal(graph_out, eager_out))
             save()
