@@ -377,7 +377,7 @@ def main() -> int:
     )
     parser.add_argument("--budget-s", type=float, default=480.0, help="no new launch after this")
     parser.add_argument("--deadline-s", type=float, default=525.0, help="launches are killed here")
-    parser.add_argument("--launch-timeout-s", type=float, default=150.0)
+    parser.add_argument("--launch-timeout-s", type=float, default=240.0)
     parser.add_argument(
         "--correctness-launch-s", type=float, default=40.0, help="time one launch is assumed to need"
     )
