@@ -3,7 +3,7 @@
     .venv/bin/python tests/train/gpu_check_distributed.py --out-dir "$OUT"
 
 It sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 for itself and every
-process it starts (NVLink multicast off), and stops starting work past --budget-s (default 500 s; the
+process it starts (NVLink multicast off), and stops starting work past --budget-s (default 480 s; the
 longest single launch is capped by --launch-timeout-s), recording what it skipped.
 
 1. Correctness, first (a small random Llama, float32): 1 GPU x batch 4 against 2 GPUs x batch 2, 3 steps,
