@@ -331,6 +331,15 @@ def markdown(records: list[dict[str, Any]], checks: list[dict[str, Any]], head: 
         "Tokens/s = batch x new tokens / seconds of one generate call (prompt included) after an untimed call.",
         "",
     ]
+    counts = sorted({(r["system"], r["new_tokens"]) for r in records if r["status"] == "ok"})
+    if len({n for _, n in counts}) > 1:
+        lines += [
+            "Not every system generated as many tokens per call (the slower ones fewer, to fit the time budget; "
+            "their per-token cost does not depend on the length): "
+            + ", ".join(f"{system} {n}" for system, n in counts)
+            + ".",
+            "",
+        ]
     if head.get("bound_tok_s"):
         lines += [
             f"Weight-read bound at batch 1 (bf16): {head['bytes_per_token'] / 1e9:.2f} GB read per token at the "
