@@ -334,7 +334,7 @@ def markdown(records: list[dict[str, Any]], checks: list[dict[str, Any]], head: 
     counts = sorted({(r["system"], r["new_tokens"]) for r in records if r["status"] == "ok"})
     if len({n for _, n in counts}) > 1:
         lines += [
-            "Not every system generated as many tokens per call (the slower ones fewer, to fit the time budget; "
+            "Tokens generated per call differ (the slower systems make fewer, to fit the time budget; "
             "their per-token cost does not depend on the length): "
             + ", ".join(f"{system} {n}" for system, n in counts)
             + ".",
