@@ -20,21 +20,7 @@ from velotune.train import checkpoint as ckpt
 from velotune.train.data import TokenizedDataset
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    tiny_model(path, "llama")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the worker processes: the same arithmetic, and no contention between
-    threads over the few cores CI has (the tiny models are several times faster that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def losses(out) -> list[tuple[int, float]]:

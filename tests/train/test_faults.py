@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import velotune
-from tests.train.helpers import random_examples, tiny_model
+from tests.train.helpers import random_examples
 from velotune.errors import ConfigError, NonFiniteError, OutOfMemoryError, TrainingInterrupted
 from velotune.memory.planner import RESERVE_BYTES, SLACK, estimate_memory
 from velotune.train import Trainer, TrainerCallback, TrainingArguments
@@ -26,21 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WORKER = os.path.join(ROOT, "tests", "train", "fault_worker.py")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    tiny_model(path, "llama")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the worker process: the same arithmetic, and no contention between
-    threads over the few cores CI has (the tiny models are several times faster that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh(folder, dtype=torch.float32):

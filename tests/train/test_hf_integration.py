@@ -11,17 +11,10 @@ from safetensors.torch import load_file
 
 import velotune
 from tests.model_zoo import rel_err
-from tests.train.helpers import random_examples, tiny_model
+from tests.train.helpers import random_examples
 from velotune.train import DataCollator
 from velotune.train.data import TokenizedDataset
 from velotune.train.hf_integration import HFTrainer
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    tiny_model(path, "llama")
-    return path
 
 
 def load(folder, lora: bool):
