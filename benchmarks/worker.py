@@ -8,6 +8,7 @@ before `torch` (it patches Transformers and PEFT on import).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -119,8 +120,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 except torch.OutOfMemoryError as exc:
                     one["error"] = error_record(exc, one.get("phase", "?"))
                     one["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                import gc
-
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
