@@ -6,7 +6,7 @@
 Batch 1, random tokens, LoRA r=16 on the seven projections, AdamW, each system with its own
 gradient checkpointing (velotune: offloaded layer inputs; Transformers: non-reentrant checkpointing).
 The model is loaded once (the random checkpoint of `benchmarks.train_step`, cached) and every length
-runs one step after one step at the shortest length (so optimizer state exists, as in a real run):
+runs one step after one step at the shortest length or --warmup-length (so optimizer state exists, as in a real run):
 peak allocated GPU memory, the process's resident host memory (offloaded inputs live there), time.
 
 --lengths measures the given lengths; a length that runs out of GPU memory is recorded as such.
@@ -104,10 +104,13 @@ def main() -> int:
     p.add_argument("--multiple-of", type=int, default=1024)
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("VELOTUNE_BENCH_CACHE", "/tmp/velotune-bench")))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--warmup-length", type=int, default=0,
+                   help="length of the warm-up step (default: the shortest measured length); a short one saves minutes "
+                        "when a single very long length is measured")
     args = p.parse_args()
     t0 = time.time()
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    first = min(lengths) if lengths else args.search
+    first = args.warmup_length or (min(lengths) if lengths else args.search)
     runner = Runner(args.system, args.method, args.model, args.max_length, args.cache_dir)
     base = {"system": args.system, "method": args.method, "model": args.model, "batch": 1,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, **runner.notes}  # fmt: skip
