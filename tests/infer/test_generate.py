@@ -91,16 +91,22 @@ def test_rows_that_finish_at_different_steps_stop_whatever_the_check_interval(ch
     assert torch.equal(got[:, 5:], expected)
 
 
-def test_phi3_re_encodes_the_sequence_where_it_outgrows_longrope_as_transformers_does(tmp_path):
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_phi3_re_encodes_the_sequence_where_it_outgrows_longrope_as_transformers_does(kernels, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
     # LongRoPE's original length is 8 here: 8-column prompts cross it at the first new token, where Transformers
-    # runs the whole sequence again so that every cached key is rotated with the long factors.
+    # runs the whole sequence again so that every cached key is rotated with the long factors. The expected
+    # tokens come from Transformers' forward over the whole sequence at every step (use_cache=False): its
+    # cached generate re-encodes only the last token in some versions (5.17, issue #8), this does not depend
+    # on that. "triton": the decode step's kernels as on a GPU (interpreted).
     hf = save_hf_model("phi3", str(tmp_path))
     ours, _ = velotune.FastLanguageModel.from_pretrained(str(tmp_path), dtype=torch.float32, device_map="cpu")
     assert ours.spec.rope.kind == "longrope" and ours.spec.rope.original_max_position_embeddings == 8
     prompts = torch.tensor([[0, 0, 0, 11, 12, 13, 14, 15], [5, 17, 33, 8, 90, 41, 7, 3]])
     mask = (prompts != 0).long()
     expected = hf.generate(prompts, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)  # fmt: skip
+                           pad_token_id=0, use_cache=False)  # fmt: skip
+    monkeypatch.setenv("VELOTUNE_KERNELS", kernels)
     assert torch.equal(ours.generate(prompts, attention_mask=mask, max_new_tokens=24), expected)
 
 
