@@ -15,12 +15,17 @@ per query block and saves only the output and the per-row logsumexp; the backwar
 probabilities from q, k and that logsumexp in two kernels (dq per query block; dk and dv per key
 block, summing the GQA group in registers, deterministic). Key blocks that no query of a block can
 see (causal, window, other documents, all-padding ranges) are never read; blocks every query sees
-run without masks. `PLAIN_CAUSAL_BACKEND` may hand plain causal attention to PyTorch's SDPA.
+run without masks. `PLAIN_CAUSAL_BACKEND` may hand plain causal attention to PyTorch's SDPA, and
+`PACKED_BACKEND` packed causal attention to PyTorch's FlashAttention varlen kernel
+(`torch.nn.attention.varlen.varlen_attn`); `select_backend` says which runs for given inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -834,6 +839,190 @@ def _is_plain_causal(q, k, sliding_window, softcap, cu_seqlens, key_padding_mask
     )
 
 
+# Which path runs packed causal attention (cu_seqlens, no softcap) on CUDA in "auto" mode: "triton" or
+# "varlen" (PyTorch's FlashAttention-2 varlen kernel). Set from tests/kernels/gpu_check_varlen_attention.py,
+# which times both on the same packed tokens: varlen only if it measures faster there (not yet measured on
+# the H100; until then the Triton kernel, 1.8x slower than cuDNN SDPA on equal-length documents, stays).
+# Our kernel also stays wherever varlen cannot compute what `attention` defines (`_varlen_supported`).
+PACKED_BACKEND = "triton"
+
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+_VARLEN_MAX_HEAD_DIM = 256  # FlashAttention-2's largest head dim; it also wants a multiple of 8
+
+
+def _varlen_features(fn: Callable) -> tuple[Callable, bool] | None:
+    """(fn, takes enable_gqa) when `fn` has the varlen_attn keywords we call it with, else None.
+
+    A feature test, not a version compare: torch 2.10 shipped varlen_attn with `is_causal` and neither
+    `scale` nor `window_size` (unusable here); 2.11 has both and hands kv heads as they are to
+    FlashAttention, which groups query heads natively; from 2.12 it insists on `enable_gqa=True` when the
+    head counts differ.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if "scale" not in params or "window_size" not in params:
+        return None
+    return fn, "enable_gqa" in params
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_api() -> tuple[Callable, bool] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return _varlen_features(varlen_attn)
+
+
+@functools.lru_cache(maxsize=16)
+def _flash_device_ok(device: torch.device) -> bool:
+    # FlashAttention-2 needs sm80+; ROCm builds route varlen elsewhere, with another logsumexp layout.
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    available = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    return bool(available()) and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _varlen_supported(q, k, v, sliding_window, softcap, cu_seqlens, key_padding_mask) -> bool:
+    """True where varlen_attn computes exactly what `attention` defines, and can run here."""
+    if cu_seqlens is None or key_padding_mask is not None or softcap is not None:
+        return False
+    # A window below 1 hides every key; FlashAttention has no such window (left = -1 means unbounded).
+    if sliding_window is not None and sliding_window < 1:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or cu_seqlens.dim() != 1:
+        return False
+    batch, q_len, n_heads, head_dim = q.shape
+    if batch != 1 or q_len == 0 or k.shape[1] != q_len or k.shape[3] != head_dim or n_heads % k.shape[2]:
+        return False
+    if q.dtype not in _VARLEN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if head_dim % 8 or head_dim > _VARLEN_MAX_HEAD_DIM:
+        return False
+    return _varlen_api() is not None and all(_flash_device_ok(t.device) for t in (q, k, v))
+
+
+def varlen_documents(cu_seqlens: Sequence[int], total: int) -> tuple[list[int], int]:
+    """The reference's documents as FlashAttention's offsets, and the longest document's length.
+
+    The reference starts a document at each cu_seqlens[1:-1] entry (in any order, repeats counting
+    once) and treats the first and last entries as 0 and `total`; entries outside (0, total) start
+    nothing, as in the Triton path. FlashAttention wants strictly increasing offsets 0 ... total.
+    """
+    inner = sorted({int(c) for c in cu_seqlens[1:-1] if 0 < int(c) < total})
+    bounds = [0, *inner, total]
+    return bounds, max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def varlen_window(sliding_window: int | None, longest: int) -> tuple[int, int]:
+    """FlashAttention's (left, right) window for our `sliding_window`.
+
+    FlashAttention lets query i see keys i - left ... i + right (-1: unbounded). Ours counts the query
+    itself (i - j < W), so left = W - 1; right = 0 is causality. A window that no document fills is
+    plain causal, (-1, 0): varlen_attn recognises that exact tuple (a list would not compare equal) as
+    is_causal and skips window masking.
+    """
+    if sliding_window is None or sliding_window >= longest:
+        return (-1, 0)
+    if sliding_window < 1:
+        raise KernelError(
+            f"sliding_window={sliding_window} hides every key, which FlashAttention cannot express; "
+            "call attention(), which runs the Triton kernel for it."
+        )
+    return (int(sliding_window) - 1, 0)
+
+
+# One entry: every layer of a step gets the same cu_seqlens tensor, so its host copy, the offsets on the
+# device and the longest document are worked out once per batch. The strong reference keeps the tensor's
+# id from being reused; `_version` catches in-place edits.
+_last_documents: list = [None]
+
+
+def _documents_on(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    key = (cu_seqlens._version, total, device)
+    hit = _last_documents[0]
+    if hit is not None and hit[0] is cu_seqlens and hit[1] == key:
+        return hit[2]
+    # varlen_attn takes the longest document as a Python int: one host sync per batch.
+    bounds, longest = varlen_documents(cu_seqlens.tolist(), total)
+    value = (torch.tensor(bounds, dtype=torch.int32, device=device), longest)
+    _last_documents[0] = (cu_seqlens, key, value)
+    return value
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    cu_seqlens: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Packed causal attention (q [1, T, Hq, D], k and v [1, T, Hk, D]) through PyTorch's varlen_attn.
+
+    Same result as `attention` with these arguments; CUDA bf16/fp16 only, no softcap or padding mask
+    (`attention` checks all that before it calls this). Nothing is copied: [1, T, H, D] -> [T, H, D]
+    is a view, and FlashAttention takes any token and head stride as long as the head dim is dense, so
+    k and v can stay strided views of a fused qkv projection. The backward is varlen_attn's own
+    (FlashAttention-2: dq accumulated with atomics, so not bitwise deterministic, unlike our kernel).
+    """
+    api = _varlen_api()
+    if api is None:
+        raise KernelError(
+            "attention_varlen needs torch.nn.attention.varlen.varlen_attn with `scale` and `window_size` "
+            "(PyTorch 2.11 or newer); upgrade torch or call attention(), which falls back to Triton."
+        )
+    varlen_attn, takes_gqa = api
+    _check_inputs(q, k, v, cu_seqlens, None)
+    total = q.shape[1]
+    if k.shape[1] != total:
+        raise KernelError(f"attention_varlen needs as many keys as queries; got T={total}, S={k.shape[1]}.")
+    offsets, longest = _documents_on(cu_seqlens, total, q.device)
+    extra = {"enable_gqa": q.shape[2] != k.shape[2]} if takes_gqa else {}
+    out = varlen_attn(
+        _last_dim_dense(q[0]),
+        _last_dim_dense(k[0]),
+        _last_dim_dense(v[0]),
+        offsets,
+        offsets,
+        longest,
+        longest,
+        scale=scale,
+        window_size=varlen_window(sliding_window, longest),
+        **extra,
+    )
+    return out.unsqueeze(0)
+
+
+def select_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> str:
+    """Which kernel `attention` runs once it has taken the Triton side: "sdpa", "varlen" or "triton".
+
+    VELOTUNE_KERNELS=triton always runs our kernel; "auto" hands plain causal attention to SDPA and
+    packed causal attention to varlen_attn where `PLAIN_CAUSAL_BACKEND` / `PACKED_BACKEND` choose them.
+    """
+    if kernel_mode() != "auto":
+        return "triton"
+    if PLAIN_CAUSAL_BACKEND == "sdpa" and q.is_cuda:
+        if _is_plain_causal(q, k, sliding_window, softcap, cu_seqlens, key_padding_mask):
+            return "sdpa"
+    if PACKED_BACKEND == "varlen":
+        if _varlen_supported(q, k, v, sliding_window, softcap, cu_seqlens, key_padding_mask):
+            return "varlen"
+    return "triton"
+
+
 def attention_mask_reference(
     batch: int,
     q_len: int,
@@ -910,13 +1099,21 @@ def attention(
 ) -> torch.Tensor:
     """softmax(mask(softcap(q k^T * scale))) v, returned as [B, T, Hq, D]."""
     if use_triton(q, k, v):
-        if (
-            PLAIN_CAUSAL_BACKEND == "sdpa"
-            and q.is_cuda
-            and kernel_mode() == "auto"
-            and _is_plain_causal(q, k, sliding_window, softcap, cu_seqlens, key_padding_mask)
-        ):
+        backend = select_backend(
+            q,
+            k,
+            v,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            cu_seqlens=cu_seqlens,
+            key_padding_mask=key_padding_mask,
+        )
+        if backend == "sdpa":
             return attention_sdpa(q, k, v, scale=scale)
+        if backend == "varlen":
+            return attention_varlen(
+                q, k, v, scale=scale, cu_seqlens=cu_seqlens, sliding_window=sliding_window
+            )
         return attention_triton(
             q,
             k,
