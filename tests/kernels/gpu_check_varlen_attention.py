@@ -46,8 +46,12 @@ LLAMA_1B = dict(n_heads=32, n_kv=8, head_dim=64)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    # A window of one makes dq and dk exactly zero in exact arithmetic (softmax over one key), so the
+    # bf16 kernels' rounding residue has no norm to be relative to: floor the denominator at an RMS of
+    # 1e-2 per element, i.e. a zero reference passes when the RMS error is under 2e-4.
     a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    floor = 1e-2 * b.numel() ** 0.5
+    return float((a - b).norm() / max(float(b.norm()), floor))
 
 
 def offsets_of(docs: list[int]) -> list[int]:
