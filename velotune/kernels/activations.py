@@ -2,9 +2,15 @@
 
 Input is the fused gate/up projection output [..., 2 * I] with gate in the first half and up in
 the second (the layout of a fused gate_up weight, Phi-3's checkpoint layout too); output [..., I].
+
+How the kernels are launched is a `GatedConfig` (one `GatedLaunch` for the forward, one for the
+backward) so that `benchmarks/kernel_sweep.py` can time alternatives without code edits; the
+public function uses `DEFAULT_GATED_CONFIG`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +21,51 @@ from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+GRIDS = ("2d", "flat", "row")
 
 # Globals read inside @triton.jit must be constexpr.
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_KAPPA = tl.constexpr(0.044715)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedLaunch:
+    """Launch of one gated-activation kernel over a [rows, I] problem.
+
+    grid: "2d"   one program per (row, column block), grid (rows, column blocks): the programs that
+                 run together read the same columns of different rows;
+          "flat" the same tiles on a 1D grid, column blocks of a row adjacent: programs that run
+                 together read one contiguous stretch of memory;
+          "row"  one program per row, looping over the row in `block`-wide steps (one step when
+                 `block` >= I, Liger-Kernel's layout).
+    block: columns per tile, capped at next_power_of_2(I).
+    evict_first: loads tell L2 the data is not read again soon (it is not, within this kernel).
+    """
+
+    grid: str = "2d"
+    block: int = 1024
+    num_warps: int = 4
+    evict_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise KernelError(f"GatedLaunch.grid={self.grid!r}: expected one of {GRIDS}.")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise KernelError(f"GatedLaunch.block={self.block}: expected a power of two >= 16.")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise KernelError(f"GatedLaunch.num_warps={self.num_warps}: expected a power of two <= 32.")
+
+    def label(self) -> str:
+        return f"{self.grid}/b{self.block}/w{self.num_warps}" + ("/ef" if self.evict_first else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedConfig:
+    forward: GatedLaunch = GatedLaunch()
+    backward: GatedLaunch = GatedLaunch()
+
+
+DEFAULT_GATED_CONFIG = GatedConfig()
 
 
 @triton.jit
@@ -56,7 +103,71 @@ def _act_and_grad(gate, GELU: tl.constexpr, NEED_GRAD: tl.constexpr):
     return act, grad
 
 
-# y = act(gate) * up for gate_up = [gate | up] along the last dim; one program per (row, column block).
+@triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    # Full tiles skip the mask; literal eviction strings keep this valid on Triton 3.6 and 3.9.
+    if MASKED:
+        if EVICT_FIRST:
+            x = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if EVICT_FIRST:
+            x = tl.load(ptrs, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptrs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _fwd_tile(gu_row, y_row, inter, start, GELU: tl.constexpr, MASKED: tl.constexpr,
+              EVICT_FIRST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = _load(gu_row + cols, mask, MASKED, EVICT_FIRST)
+    up = _load(gu_row + inter + cols, mask, MASKED, EVICT_FIRST)
+    act, _ = _act_and_grad(gate, GELU, False)
+    act = act.to(gu_row.dtype.element_ty).to(tl.float32)
+    _store(y_row + cols, (act * up).to(y_row.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit
+def _bwd_tile(dy_row, gu_row, dgu_row, inter, start, GELU: tl.constexpr, MASKED: tl.constexpr,
+              EVICT_FIRST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = _load(gu_row + cols, mask, MASKED, EVICT_FIRST)
+    up = _load(gu_row + inter + cols, mask, MASKED, EVICT_FIRST)
+    dy = _load(dy_row + cols, mask, MASKED, EVICT_FIRST)
+    act, act_grad = _act_and_grad(gate, GELU, True)
+    act = act.to(gu_row.dtype.element_ty).to(tl.float32)
+    d_act = (dy * up).to(gu_row.dtype.element_ty).to(tl.float32)
+    _store(dgu_row + cols, (d_act * act_grad).to(dgu_row.dtype.element_ty), mask, MASKED)
+    _store(dgu_row + inter + cols, (dy * act).to(dgu_row.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit
+def _tile_of_program(n_col_blocks, GRID: tl.constexpr):
+    """(row, first column) of this program's tile for the "2d" (GRID 0) and "flat" (GRID 1) grids."""
+    if GRID == 0:
+        row = tl.program_id(0).to(tl.int64)
+        block_idx = tl.program_id(1)
+    else:
+        pid = tl.program_id(0).to(tl.int64)
+        row = pid // n_col_blocks
+        block_idx = pid % n_col_blocks
+    return row, block_idx
+
+
+# y = act(gate) * up for gate_up = [gate | up] along the last dim, tiled as GatedLaunch says.
 # Rounding follows the reference: act(gate) is rounded to the input dtype before the multiply by up.
 # Floor: read gate_up (M*2I), write y (M*I).
 # Saves for backward: gate_up only (act and act' are recomputed).
@@ -65,23 +176,29 @@ def _gated_fwd_kernel(
     gu_ptr,
     y_ptr,
     inter,
+    n_col_blocks,
     gu_row_stride,
     y_row_stride,
     GELU: tl.constexpr,
+    GRID: tl.constexpr,
+    EVEN: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    gu_row = gu_ptr + row * gu_row_stride
-    gate = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act, _ = _act_and_grad(gate, GELU, False)
-    act = act.to(gu_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * y_row_stride + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
+    if GRID == 2:
+        row = tl.program_id(0).to(tl.int64)
+        gu_row = gu_ptr + row * gu_row_stride
+        y_row = y_ptr + row * y_row_stride
+        for start in range(0, inter, BLOCK):
+            _fwd_tile(gu_row, y_row, inter, start, GELU, not EVEN, EVICT_FIRST, BLOCK)
+    else:
+        row, block_idx = _tile_of_program(n_col_blocks, GRID)
+        _fwd_tile(gu_ptr + row * gu_row_stride, y_ptr + row * y_row_stride, inter, block_idx * BLOCK,
+                  GELU, not EVEN, EVICT_FIRST, BLOCK)  # fmt: skip
 
 
 # d_up = dy * act(gate);  d_gate = round(dy * up) * act'(gate)   (written into one [M, 2I] gradient)
+# Each tile reads all of its inputs before it writes, so dgu may be gu itself (in place).
 # Floor: read gate_up (M*2I) and dy (M*I), write d_gate_up (M*2I), over gate_up's storage in training.
 @triton.jit
 def _gated_bwd_kernel(
@@ -89,29 +206,52 @@ def _gated_bwd_kernel(
     gu_ptr,
     dgu_ptr,
     inter,
+    n_col_blocks,
     dy_row_stride,
     gu_row_stride,
     dgu_row_stride,
     GELU: tl.constexpr,
+    GRID: tl.constexpr,
+    EVEN: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    gu_row = gu_ptr + row * gu_row_stride
-    gate = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    act, act_grad = _act_and_grad(gate, GELU, True)
-    act = act.to(gu_ptr.dtype.element_ty).to(tl.float32)
-    d_act = (dy * up).to(gu_ptr.dtype.element_ty).to(tl.float32)
-    dgu_row = dgu_ptr + row * dgu_row_stride
-    tl.store(dgu_row + cols, (d_act * act_grad).to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_row + inter + cols, (dy * act).to(dgu_ptr.dtype.element_ty), mask=mask)
+    if GRID == 2:
+        row = tl.program_id(0).to(tl.int64)
+        dy_row = dy_ptr + row * dy_row_stride
+        gu_row = gu_ptr + row * gu_row_stride
+        dgu_row = dgu_ptr + row * dgu_row_stride
+        for start in range(0, inter, BLOCK):
+            _bwd_tile(dy_row, gu_row, dgu_row, inter, start, GELU, not EVEN, EVICT_FIRST, BLOCK)
+    else:
+        row, block_idx = _tile_of_program(n_col_blocks, GRID)
+        _bwd_tile(dy_ptr + row * dy_row_stride, gu_ptr + row * gu_row_stride, dgu_ptr + row * dgu_row_stride,
+                  inter, block_idx * BLOCK, GELU, not EVEN, EVICT_FIRST, BLOCK)  # fmt: skip
 
 
-def _block(inter: int) -> int:
-    return min(1024, triton.next_power_of_2(max(inter, 1)))
+def _launch_args(rows: int, inter: int, launch: GatedLaunch) -> tuple[tuple[int, ...], int, dict]:
+    """(grid, number of column blocks, constexpr keywords) of one launch."""
+    block = min(launch.block, triton.next_power_of_2(max(inter, 1)))
+    n_col_blocks = triton.cdiv(inter, block)
+    if launch.grid == "2d":
+        grid: tuple[int, ...] = (rows, n_col_blocks)
+    elif launch.grid == "flat":
+        grid = (rows * n_col_blocks,)
+    else:
+        grid = (rows,)
+    if grid[0] >= 2**31 or (len(grid) > 1 and grid[1] > 65535):
+        raise KernelError(
+            f"gated activation grid {grid} exceeds CUDA's launch limits ({rows} rows x {inter} columns); "
+            "use a larger GatedLaunch.block or split the batch."
+        )
+    meta = dict(
+        GRID=GRIDS.index(launch.grid),
+        EVEN=inter % block == 0,
+        EVICT_FIRST=launch.evict_first,
+        BLOCK=block,
+        num_warps=launch.num_warps,
+    )
+    return grid, n_col_blocks, meta
 
 
 def _as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -128,55 +268,64 @@ def _check(gate_up: torch.Tensor, activation: str) -> None:
         )
 
 
-def gated_activation_forward(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+def gated_activation_forward(
+    gate_up: torch.Tensor, activation: str, config: GatedConfig = DEFAULT_GATED_CONFIG
+) -> torch.Tensor:
     """Triton forward: act(gate) * up, shape [..., I], in gate_up's dtype."""
     _check(gate_up, activation)
     inter = gate_up.shape[-1] // 2
     gu = _as_rows(gate_up, 2 * inter)
     y = torch.empty((gu.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
     if y.numel() > 0:
-        block = _block(inter)
-        _gated_fwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](
-            gu, y, inter, gu.stride(0), y.stride(0), GELU=activation == "gelu_tanh", BLOCK=block, num_warps=4
+        grid, n_col_blocks, meta = _launch_args(gu.shape[0], inter, config.forward)
+        _gated_fwd_kernel[grid](
+            gu, y, inter, n_col_blocks, gu.stride(0), y.stride(0), GELU=activation == "gelu_tanh", **meta
         )
     return y.view(*gate_up.shape[:-1], inter)
 
 
 def gated_activation_backward(
-    dy: torch.Tensor, gate_up: torch.Tensor, activation: str, in_place: bool = False
+    dy: torch.Tensor,
+    gate_up: torch.Tensor,
+    activation: str,
+    in_place: bool = False,
+    config: GatedConfig = DEFAULT_GATED_CONFIG,
 ) -> torch.Tensor:
     """Triton backward: d(gate_up) [..., 2I] from dy [..., I] and the saved gate_up.
 
-    in_place=True writes the gradient over gate_up's storage (each program reads its elements
-    before it overwrites them): no second [tokens, 2I] buffer, the largest one of an MLP backward.
+    in_place=True writes the gradient over gate_up's storage (each tile reads its elements before
+    it overwrites them): no second [tokens, 2I] buffer, the largest one of an MLP backward.
     """
     inter = gate_up.shape[-1] // 2
     gu = _as_rows(gate_up, 2 * inter)
     dy2 = _as_rows(dy, inter)
     dgu = gu if in_place else torch.empty(gu.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dgu.numel() > 0:
-        block = _block(inter)
-        _gated_bwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](
+        grid, n_col_blocks, meta = _launch_args(gu.shape[0], inter, config.backward)
+        _gated_bwd_kernel[grid](
             dy2,
             gu,
             dgu,
             inter,
+            n_col_blocks,
             dy2.stride(0),
             gu.stride(0),
             dgu.stride(0),
             GELU=activation == "gelu_tanh",
-            BLOCK=block,
-            num_warps=4,
+            **meta,
         )
     return dgu.view(gate_up.shape)
 
 
 class GatedActivationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-        y = gated_activation_forward(gate_up, activation)
+    def forward(
+        ctx, gate_up: torch.Tensor, activation: str, config: GatedConfig = DEFAULT_GATED_CONFIG
+    ) -> torch.Tensor:
+        y = gated_activation_forward(gate_up, activation, config)
         ctx.save_for_backward(gate_up)
         ctx.activation = activation
+        ctx.config = config
         # A leaf is the caller's own tensor: never overwrite it.
         ctx.in_place = gate_up.grad_fn is not None
         return y
@@ -187,10 +336,10 @@ class GatedActivationFunction(torch.autograd.Function):
         # gate_up is the projection's output, saved for this op alone: its gradient takes its place. The
         # version bump makes a second backward through a retained graph fail loudly instead of reading
         # the overwritten values.
-        dgu = gated_activation_backward(dy, gate_up, ctx.activation, in_place=ctx.in_place)
+        dgu = gated_activation_backward(dy, gate_up, ctx.activation, in_place=ctx.in_place, config=ctx.config)
         if ctx.in_place:
             torch.autograd.graph.increment_version(gate_up)
-        return dgu, None
+        return dgu, None, None
 
 
 def gated_activation_reference(gate_up: torch.Tensor, activation: str) -> torch.Tensor:

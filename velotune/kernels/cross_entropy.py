@@ -13,10 +13,18 @@ dH_chunk = dlogits @ W and dW += dlogits.T @ hidden_chunk. The gradients are thu
 end of the forward, and the backward only scales them by grad_output (a scalar). Rows whose label
 is ignored are left out of the GEMMs altogether (their gradient is zero), which matters with
 response-only masking where half the tokens or more are ignored.
+
+Passes over a chunk's [rows, V] logits (frozen head): the GEMM writes them once; the kernel reads
+them twice (logsumexp, then the gradient) and writes the gradient over them once, already scaled
+by 1/n and by the soft-cap derivative; the dH GEMM reads them once, writing straight into dH's
+rows. A trainable head adds one read (dW, accumulated in place with addmm_), a bias one more.
+No float32 copy, .contiguous() or scaling pass touches the logits. The chunk size and the kernel's
+launch are a `CEConfig` so that `benchmarks/kernel_sweep.py` can time alternatives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,6 +39,50 @@ from velotune.kernels._dispatch import use_triton
 # rows (8,192 tokens run as 8 chunks of 1,024); at vocab 262,144, 512 rows.
 CHUNK_BYTES = 256 * 1024 * 1024
 MAX_BLOCK_V = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class CEConfig:
+    """Chunking and kernel launch of the chunked loss.
+
+    chunk_bytes: largest logits chunk buffer (bytes, in the input dtype); bigger chunks mean
+        larger GEMMs (and fewer read-modify-writes of a trainable head's dW) for more memory.
+    block_v: vocabulary entries per step of the chunk kernel's row loop (capped at next_power_of_2(V)).
+    num_warps: of the chunk kernel; 0 means 8 for blocks of 2048 or more, else 4.
+    l2_hint: the logsumexp pass asks L2 to keep the row (evict_last) and the gradient pass, which
+        reads it again, to drop it (evict_first), so the second read can hit L2.
+    programs_per_sm: 0 launches one program per row; k > 0 launches k programs per SM, each taking
+        every (k * SMs)-th row, which bounds the rows in flight (and so the L2 they need).
+    """
+
+    chunk_bytes: int = CHUNK_BYTES
+    block_v: int = MAX_BLOCK_V
+    num_warps: int = 0
+    l2_hint: bool = False
+    programs_per_sm: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise KernelError(f"CEConfig.chunk_bytes={self.chunk_bytes}: expected a positive byte count.")
+        if self.block_v < 16 or self.block_v & (self.block_v - 1):
+            raise KernelError(f"CEConfig.block_v={self.block_v}: expected a power of two >= 16.")
+        if self.num_warps not in (0, 1, 2, 4, 8, 16, 32):
+            raise KernelError(
+                f"CEConfig.num_warps={self.num_warps}: expected 0 (auto) or a power of two <= 32."
+            )
+        if self.programs_per_sm < 0:
+            raise KernelError(
+                f"CEConfig.programs_per_sm={self.programs_per_sm}: expected 0 (a row each) or more."
+            )
+
+    def label(self) -> str:
+        warps = self.num_warps or "auto"
+        hint = "/l2" if self.l2_hint else ""
+        grid = f"/p{self.programs_per_sm}" if self.programs_per_sm else ""
+        return f"{self.chunk_bytes // 2**20}MiB/v{self.block_v}/w{warps}{grid}{hint}"
+
+
+DEFAULT_CE_CONFIG = CEConfig()
 
 
 @triton.jit
@@ -50,7 +102,7 @@ def _tanh(y):
     return tl.where(a < 0.3, series, big)
 
 
-# Per-row softmax cross-entropy over a chunk of logits, one row per program, gradient in place.
+# Per-row softmax cross-entropy over a chunk of logits, a row at a time per program, gradient in place.
 #   z = cap * tanh(x / cap) (with soft-capping) else x,   lse = logsumexp(z)   (online, over vocab blocks)
 #   loss[row] = lse - z[label]
 #   x[row, :] <- scale * (softmax(z) - onehot(label)) * (1 - tanh^2 when soft-capped)
@@ -58,39 +110,42 @@ def _tanh(y):
 # All arithmetic in float32; `scale` (1 / number of items) is read from device memory so that the
 # mean's denominator never needs a host sync.
 # Floor: read the chunk's logits twice and write them once (3 * rows * V * itemsize bytes), or read
-# them once when no gradient is wanted. Saves nothing: the gradient is the output.
+# them once when no gradient is wanted; with L2_HINT the second read may come from L2.
+# Saves nothing: the gradient is the output.
 @triton.jit
-def _softmax_ce_inplace_kernel(
-    logits_ptr,
-    labels_ptr,
+def _softmax_ce_row(
+    row_ptr,
+    label,
     loss_ptr,
     scale_ptr,
-    row_stride,
     vocab,
     ignore_index,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    L2_HINT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * row_stride
-    label = tl.load(labels_ptr + row)
     cols = tl.arange(0, BLOCK_V)
     if label == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
+        tl.store(loss_ptr, 0.0)
         if COMPUTE_GRAD:
             zero = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, vocab, BLOCK_V):
                 idx = start + cols
-                tl.store(row_ptr + idx, zero.to(logits_ptr.dtype.element_ty), mask=idx < vocab)
+                tl.store(row_ptr + idx, zero.to(row_ptr.dtype.element_ty), mask=idx < vocab)
     else:
         m = -float("inf")
         d = 0.0
         for start in range(0, vocab, BLOCK_V):
             idx = start + cols
             mask = idx < vocab
-            z = tl.load(row_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            # Literal eviction strings (not a constexpr string) keep this valid on Triton 3.6 and 3.9.
+            if L2_HINT and COMPUTE_GRAD:
+                z = tl.load(row_ptr + idx, mask=mask, other=0.0, eviction_policy="evict_last")
+            else:
+                z = tl.load(row_ptr + idx, mask=mask, other=0.0)
+            z = z.to(tl.float32)
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z / softcap)
             z = tl.where(mask, z, -float("inf"))
@@ -101,13 +156,17 @@ def _softmax_ce_inplace_kernel(
         z_label = tl.load(row_ptr + label).to(tl.float32)
         if HAS_SOFTCAP:
             z_label = softcap * _tanh(z_label / softcap)
-        tl.store(loss_ptr + row, lse - z_label)
+        tl.store(loss_ptr, lse - z_label)
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr)
             for start in range(0, vocab, BLOCK_V):
                 idx = start + cols
                 mask = idx < vocab
-                x = tl.load(row_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                if L2_HINT:
+                    x = tl.load(row_ptr + idx, mask=mask, other=0.0, eviction_policy="evict_first")
+                else:
+                    x = tl.load(row_ptr + idx, mask=mask, other=0.0)
+                x = x.to(tl.float32)
                 if HAS_SOFTCAP:
                     t = _tanh(x / softcap)
                     g = tl.exp(softcap * t - lse)
@@ -115,22 +174,66 @@ def _softmax_ce_inplace_kernel(
                 else:
                     g = tl.exp(x - lse)
                     g = tl.where(idx == label, g - 1.0, g)
-                tl.store(row_ptr + idx, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+                tl.store(row_ptr + idx, (g * scale).to(row_ptr.dtype.element_ty), mask=mask)
 
 
-def _grad_hidden(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+# Rows are spread over the programs: one row each (the grid is the row count), or, with a smaller
+# grid, every n-th row, so that fewer rows are in flight at once and a row read by the first pass
+# can still be in L2 when the second pass reads it again (a [rows, 128256] bf16 row is 256 KB).
+@triton.jit
+def _softmax_ce_inplace_kernel(
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    scale_ptr,
+    n_rows,
+    row_stride,
+    vocab,
+    ignore_index,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    L2_HINT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)  # the interpreter hands the loop a Python int
+        _softmax_ce_row(
+            logits_ptr + row64 * row_stride,
+            tl.load(labels_ptr + row64),
+            loss_ptr + row64,
+            scale_ptr,
+            vocab,
+            ignore_index,
+            softcap,
+            HAS_SOFTCAP,
+            COMPUTE_GRAD,
+            L2_HINT,
+            BLOCK_V,
+        )
+
+
+def _grad_hidden(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # CPU BLAS sums a vocabulary-long dot product nearly sequentially when a chunk has few rows
     # (~2e-5 relative error in float32 at 150k entries, against 2e-6 for the same data in one
     # large GEMM). The CPU path exists to check the chunking, so it accumulates in float64 there;
     # cuBLAS accumulates tile by tile and keeps the single GEMM in the input dtype.
     # Blocks of the vocabulary keep the float64 copies far smaller than the weight.
+    # `out` (contiguous rows of dH) takes the GEMM's result directly: no [rows, H] temporary and copy.
     vocab, block = weight.shape[0], 8192
     if grad.is_cuda or grad.dtype != torch.float32 or vocab <= block:
-        return grad @ weight
-    out = torch.zeros(grad.shape[0], weight.shape[1], dtype=torch.float64)
+        return torch.mm(grad, weight, out=out) if out is not None else grad @ weight
+    acc = torch.zeros(grad.shape[0], weight.shape[1], dtype=torch.float64)
     for v0 in range(0, vocab, block):
-        out.addmm_(grad[:, v0 : v0 + block].double(), weight[v0 : v0 + block].double())
-    return out.float()
+        acc.addmm_(grad[:, v0 : v0 + block].double(), weight[v0 : v0 + block].double())
+    return out.copy_(acc) if out is not None else acc.float()
+
+
+def _sm_count(device: torch.device) -> int:
+    # The interpreter (CPU) has no SMs; 2 stands in, so that programs there still take several rows.
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _softmax_ce_inplace_triton(
@@ -141,26 +244,32 @@ def _softmax_ce_inplace_triton(
     ignore_index: int,
     softcap: float | None,
     compute_grad: bool,
+    config: CEConfig = DEFAULT_CE_CONFIG,
 ) -> None:
     rows, vocab = logits.shape
     if rows == 0:
         return
     if logits.stride(1) != 1 or not labels.is_contiguous() or not loss.is_contiguous():
         raise KernelError("cross-entropy chunk kernel needs row-major logits and contiguous labels/loss.")
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    _softmax_ce_inplace_kernel[(rows,)](
+    block = min(config.block_v, triton.next_power_of_2(vocab))
+    programs = rows
+    if config.programs_per_sm:
+        programs = min(rows, config.programs_per_sm * _sm_count(logits.device))
+    _softmax_ce_inplace_kernel[(programs,)](
         logits,
         labels,
         loss,
         scale,
+        rows,
         logits.stride(0),
         vocab,
         ignore_index,
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=compute_grad,
+        L2_HINT=config.l2_hint,
         BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=config.num_warps or (8 if block >= 2048 else 4),
     )
 
 
@@ -172,6 +281,7 @@ def _softmax_ce_inplace_torch(
     ignore_index: int,
     softcap: float | None,
     compute_grad: bool,
+    config: CEConfig = DEFAULT_CE_CONFIG,
 ) -> None:
     """The chunk kernel's math in PyTorch (float32 temporaries), so the chunked driver runs without Triton."""
     z = logits.float()
@@ -213,6 +323,7 @@ def _chunked_forward(
     chunk_rows: int | None,
     backend: str,
     skip_ignored: bool,
+    config: CEConfig = DEFAULT_CE_CONFIG,
 ):
     """Loss and the (unscaled by grad_output) gradients of hidden, weight and bias, chunk by chunk."""
     n, _ = hidden.shape
@@ -246,7 +357,7 @@ def _chunked_forward(
     else:
         rows = None
         n_work = n
-    step = chunk_rows or _rows_per_chunk(n_work, vocab, hidden.element_size(), CHUNK_BYTES)
+    step = chunk_rows or _rows_per_chunk(n_work, vocab, hidden.element_size(), config.chunk_bytes)
 
     dh = None
     if need_dh:
@@ -269,11 +380,20 @@ def _chunked_forward(
             torch.addmm(bias, h_c, w_t, out=logits)
         else:
             torch.matmul(h_c, w_t, out=logits)
-        chunk_fn(logits, lab_c.contiguous(), row_loss[start:end], scale, ignore_index, softcap, compute_grad)
+        chunk_fn(
+            logits,
+            lab_c.contiguous(),
+            row_loss[start:end],
+            scale,
+            ignore_index,
+            softcap,
+            compute_grad,
+            config,
+        )
         grad = logits  # overwritten in place by the chunk kernel
         if need_dh:
             if rows is None:
-                dh[start:end] = _grad_hidden(grad, weight)
+                _grad_hidden(grad, weight, out=dh[start:end])
             else:
                 dh.index_copy_(0, idx, _grad_hidden(grad, weight))
         if need_dw:
@@ -310,10 +430,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int | None,
         backend: str,
         skip_ignored: bool,
+        config: CEConfig = DEFAULT_CE_CONFIG,
     ) -> torch.Tensor:
         loss, dh, dw, db = _chunked_forward(
             hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch,
-            need_dh, need_dw, need_db, chunk_rows, backend, skip_ignored,
+            need_dh, need_dw, need_db, chunk_rows, backend, skip_ignored, config,
         )  # fmt: skip
         ctx.grads = (dh, dw, db)
         return loss
@@ -330,7 +451,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = None
         # In place: the stored gradients are ours alone, and a second [N, H] / [V, H] buffer is avoided.
         out = tuple(None if g is None else g.mul_(grad_output) for g in (dh, dw, db))
-        return (*out, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy_chunked(
@@ -345,10 +466,12 @@ def linear_cross_entropy_chunked(
     chunk_rows: int | None = None,
     backend: str = "triton",
     skip_ignored: bool = True,
+    config: CEConfig = DEFAULT_CE_CONFIG,
 ) -> torch.Tensor:
     """The chunked algorithm on any device: `backend="triton"` (GPU, or CPU under TRITON_INTERPRET=1)
-    or `"torch"` (the same per-chunk math in PyTorch). `chunk_rows` overrides the chunk size (tests);
-    `skip_ignored=False` runs ignored rows through the GEMMs and the kernel too."""
+    or `"torch"` (the same per-chunk math in PyTorch). `chunk_rows` overrides the chunk size (tests)
+    and `config.chunk_bytes`; `config` sets the kernel's launch; `skip_ignored=False` runs ignored
+    rows through the GEMMs and the kernel too."""
     if backend not in ("triton", "torch"):
         raise KernelError(f"backend={backend!r}: expected 'triton' or 'torch'.")
     _check_inputs(hidden, weight, labels, bias)
@@ -367,6 +490,7 @@ def linear_cross_entropy_chunked(
         chunk_rows,
         backend,
         skip_ignored,
+        config,
     )
 
 
