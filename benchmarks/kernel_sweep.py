@@ -7,8 +7,8 @@ On CUDA, at benchmarks/kernels.py's Llama-3.1-8B sizes (8,192 tokens, hidden 4,0
 
 1. Correctness first. Every gated candidate (`GATED_CANDIDATES`, used for forward and backward)
    runs SwiGLU forward + in-place backward on 37 rows of the real width in float32 (relative error
-   < 1e-5 against the reference) and bf16 (< 2e-2, and bitwise equal to today's default: a launch
-   changes no arithmetic). Every loss candidate (`CE_CANDIDATES`) runs the chunked loss on 512
+   < 1e-5 against the reference) and bf16 (< 2e-2; whether it is bitwise equal to today's default
+   is recorded too: a launch changes no formula). Every loss candidate (`CE_CANDIDATES`) runs the chunked loss on 512
    tokens of the real hidden size and vocabulary, 30% of labels ignored, head trainable, in float32
    and bf16 against the reference (loss, d_hidden, d_weight). A failing candidate is not timed.
 2. Gated: the forward kernel and the in-place backward kernel are timed apart for every candidate
@@ -192,11 +192,9 @@ def check_gated(launch: GatedLaunch, s: Sizes, device: torch.device) -> dict[str
             if dtype == torch.bfloat16:
                 default = gated_run(gu, "silu", GatedConfig(), dy)
                 row["bitwise_equal_default"] = all(torch.equal(a, b) for a, b in zip(got, default))
-        row["pass"] = (
-            row["error_float32"] < TOL["float32"]
-            and row["error_bfloat16"] < TOL["bfloat16"]
-            and row["bitwise_equal_default"]
-        )
+        # Bitwise equality is recorded, not required: a launch changes no formula, but the compiler
+        # may contract a multiply-add differently in another tiling.
+        row["pass"] = row["error_float32"] < TOL["float32"] and row["error_bfloat16"] < TOL["bfloat16"]
     except Exception as exc:
         row.update(error=f"{type(exc).__name__}: {exc}"[:400], traceback=traceback.format_exc()[-800:])
         row["pass"] = False
@@ -226,6 +224,15 @@ def time_gated_kernels(launches, s: Sizes, device: torch.device, budget: Budget)
             )
         except Exception as exc:
             r["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        rows.append(r)
+    if rows and "fwd_ms" in rows[0] and budget.left() > 0:
+        # The first candidate (today's default) once more: the spread of the two is the noise floor.
+        cfg = GatedConfig(launches[0], launches[0])
+        r = {"impl": f"velotune {launches[0].label()} (timed again last)"}
+        r["fwd_ms"] = bench(lambda: gated_activation_forward(gu, "silu", cfg), device)
+        r["bwd_ms"] = bench(
+            lambda: gated_activation_backward(dy, scratch, "silu", in_place=True, config=cfg), device
+        )
         rows.append(r)
     liger = _liger_swiglu() if device.type == "cuda" else None
     if liger is not None:
@@ -662,8 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"ce kernel {r['candidate']:<30} {_f(r.get('ms'), '.4f')} ms {r.get('error', '')}")
         write()
     best_kernel = best_ce_kernel(result["ce_kernel"])
+    full: dict[str, CEConfig] = {}
     if stage("ce full"):
-        full: dict[str, CEConfig] = {}
         for mib in CHUNK_MIB:
             full[CEConfig(chunk_bytes=mib * MIB).label()] = CEConfig(chunk_bytes=mib * MIB)
             if best_kernel != CEConfig():
@@ -687,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     if best_full and default_row and best_full["ms"] < (1 - MIN_GAIN) * default_row["ms"]:
         label = best_full["impl"].removeprefix("velotune ")
         result["suggested"].append(
-            f"DEFAULT_CE_CONFIG = the candidate {label} (frozen head, within {limit_mib:,.0f} MiB)"
+            f"DEFAULT_CE_CONFIG = {full[label]!r} ({best_full['ms']:.3f} ms vs {default_row['ms']:.3f} ms, "
+            f"frozen head, peak within the {limit_mib:,.0f} MiB goal)"
         )
     else:
         result["suggested"].append(

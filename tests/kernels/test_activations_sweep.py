@@ -30,7 +30,8 @@ def test_sweep_checks_times_ranks_and_writes_its_report(small_sweep, tmp_path):
     assert [r["pass"] for r in data["checks"]["gated"] + data["checks"]["ce"]] == [True] * 4
     assert all(r["bitwise_equal_default"] for r in data["checks"]["gated"])
     timed = [r for r in data["gated_kernels"] if "total_ms" in r]
-    assert {r["candidate"] for r in timed} == {"2d/b1024/w4", "row/b64/w2"}
+    assert {r.get("candidate") for r in timed} == {"2d/b1024/w4", "row/b64/w2", None}
+    assert any("timed again" in r["impl"] for r in timed)  # the default twice: the noise floor
     assert {(r["activation"], r["impl"].split()[1]) for r in data["gated_end_to_end"]} >= {
         ("silu", "default"),
         ("gelu_tanh", "default"),
@@ -55,4 +56,4 @@ def test_a_candidate_that_fails_its_check_is_reported_and_not_timed(small_sweep,
     assert sweep.main(["--smoke", "--out", str(tmp_path)]) == 1
     data = json.loads(next(tmp_path.glob("kernel_sweep-*.json")).read_text())
     assert [r["pass"] for r in data["checks"]["gated"]] == [True, False]
-    assert [r.get("candidate") for r in data["gated_kernels"]] == ["2d/b1024/w4"]
+    assert [r["candidate"] for r in data["gated_kernels"] if "candidate" in r] == ["2d/b1024/w4"]
