@@ -7,10 +7,13 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+from tests.quant.nf4_inputs import straddling_blocks
 from velotune.errors import KernelError
 from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
 from velotune.quant.nf4 import (
     NF4Tensor,
+    _quantize_8bit_triton,
+    _reference_blockwise,
     absmax_float32,
     dequantize_nf4,
     dequantize_nf4_reference,
@@ -24,6 +27,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Odd element counts, a tail block shorter than 64, fewer elements than one block, and sizes that
 # span several programs of every kernel (4096 elements, and 4 x 256 blocks, per program).
 SHAPES = [(10, 130), (7, 65), (3,), (1, 1), (33, 320), (300, 251)]
+NF4_THRESHOLDS = midpoints(nf4_code())
+DYNAMIC_THRESHOLDS = midpoints(dynamic_code_8bit())
 
 
 def _weight(shape, dtype, seed):
@@ -53,6 +58,13 @@ def _from_bnb(packed, state) -> NF4Tensor:
         nested_code=None if nested is None else nested.code, nested_offset=state.offset,
         nested_blocksize=256 if nested is None else nested.blocksize,
     )  # fmt: skip
+
+
+def _bnb_torch_quantize_blockwise(x: torch.Tensor, blocksize: int = 256):
+    """bitsandbytes' PyTorch quantize_blockwise op (its "default" backend, the rule its CUDA kernel
+    approximates), called directly: on CPU the public op runs a C kernel that approximates it."""
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    return op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, x, bnbf.create_dynamic_map(), blocksize)
 
 
 def _bnb_cpu_dequantizes(shape, blocksize) -> bool:
@@ -100,10 +112,7 @@ def test_double_quantization_matches_bitsandbytes(shape, dtype):
     # exactly our 8-bit codes. Its CPU C kernel approximates that search and differs by one code on
     # about 0.1% of the values; where it does, our code is at least as close to the true value.
     centered = absmax_float32(quantize_nf4_reference(w, double_quant=False)) - ours.nested_offset
-    dk = torch._C.DispatchKey.CompositeExplicitAutograd
-    torch_codes, _ = torch.ops.bitsandbytes.quantize_blockwise.default._op_dk(
-        dk, centered, bnbf.create_dynamic_map(), 256
-    )
+    torch_codes, _ = _bnb_torch_quantize_blockwise(centered)
     assert torch.equal(ours.absmax, torch_codes)
     differ = ours.absmax != state.absmax
     assert differ.sum() <= max(2, 0.005 * differ.numel())
@@ -114,6 +123,70 @@ def test_double_quantization_matches_bitsandbytes(shape, dtype):
         ours_err = (table[ours.absmax[differ].long()] - target).abs()
         bnb_err = (table[state.absmax[differ].long()] - target).abs()
         assert bool((ours_err <= bnb_err).all())
+
+
+def test_straddling_inputs_change_codes_when_the_scaling_is_off_by_one_rounding():
+    # The inputs below are only a test of the scaling arithmetic if they are this sensitive.
+    x = straddling_blocks(64 * 200, 64, torch.float32, NF4_THRESHOLDS, seed=0).view(-1, 64)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    r = 1.0 / absmax
+    exact = torch.bucketize(x * r, NF4_THRESHOLDS)
+    ties = (x * r)[..., None] == NF4_THRESHOLDS
+    assert ties.sum() > 100
+    for off in (x * torch.nextafter(r, torch.tensor(2.0)), x * torch.nextafter(r, torch.tensor(0.0)), x / absmax):
+        assert (torch.bucketize(off, NF4_THRESHOLDS) != exact).sum() > 300
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("tail", [0, 37])
+def test_reference_equals_bitsandbytes_on_float32_inputs_straddling_the_thresholds(blocksize, tail):
+    w = straddling_blocks(blocksize * 150 + tail, blocksize, torch.float32, NF4_THRESHOLDS, seed=blocksize + tail)
+    ours = quantize_nf4_reference(w, blocksize=blocksize, double_quant=False)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(ours.data, packed.view(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    ours = quantize_nf4_reference(w, blocksize=blocksize)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(ours.data, packed.view(-1))
+    assert torch.equal(ours.nested_offset, state.offset)
+    assert torch.equal(ours.nested_absmax, state.state2.absmax)
+    centered = quantize_nf4_reference(w, blocksize=blocksize, double_quant=False).absmax - state.offset
+    assert torch.equal(ours.absmax, _bnb_torch_quantize_blockwise(centered)[0])
+
+
+@pytest.mark.parametrize("tail", [0, 37])
+def test_triton_quantization_equals_reference_on_float32_inputs_straddling_the_thresholds(tail):
+    # 300 blocks: the 8-bit scale quantization has a partial last block of 44 as well.
+    w = straddling_blocks(64 * 300 + tail, 64, torch.float32, NF4_THRESHOLDS, seed=tail)
+    for double_quant in (False, True):
+        ref = quantize_nf4_reference(w, double_quant=double_quant)
+        tri = quantize_nf4_triton(w, double_quant=double_quant)
+        assert torch.equal(tri.data, ref.data) and torch.equal(tri.absmax, ref.absmax)
+        if double_quant:
+            assert torch.equal(tri.nested_absmax, ref.nested_absmax)
+            assert torch.equal(tri.nested_offset, ref.nested_offset)
+
+
+@pytest.mark.parametrize("n", [256 * 12, 256 * 12 + 45])
+def test_8bit_scale_quantization_equals_bitsandbytes_pytorch_op_on_straddling_inputs(n):
+    x = straddling_blocks(n, 256, torch.float32, DYNAMIC_THRESHOLDS, seed=n, max_scale=1.0)
+    want_codes, want_absmax = _bnb_torch_quantize_blockwise(x)
+    ref_codes, ref_absmax = _reference_blockwise(x, 256, dynamic_code_8bit())
+    tri_codes, tri_absmax = _quantize_8bit_triton(x, torch.zeros(()), dynamic_code_8bit(), 256)
+    assert torch.equal(ref_codes[:n].to(torch.uint8), want_codes) and torch.equal(ref_absmax, want_absmax)
+    assert torch.equal(tri_codes, want_codes) and torch.equal(tri_absmax, want_absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_partial_last_block_is_divided_by_its_floored_absmax_as_bitsandbytes_does(dtype):
+    w = _weight((3 * 64 + 10,), dtype, seed=12)
+    w[-10:] = 0.0  # an all-zero partial block stores absmax 1e-38, not 0
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    for q in (quantize_nf4_reference(w, double_quant=False), quantize_nf4_triton(w, double_quant=False)):
+        assert torch.equal(q.data, packed.view(-1))
+        assert torch.equal(q.absmax, state.absmax)
+        assert q.absmax[-1] > 0
+        assert torch.equal(dequantize_nf4_reference(q, torch.float32)[-10:], torch.zeros(10))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,22 +1,33 @@
 """NF4: blockwise 4-bit NormalFloat quantization with double-quantized scales, in bitsandbytes' format.
 
 A tensor of n elements is read flat (row-major) in blocks of `blocksize` (64) elements. Each block
-keeps absmax = max |x| and each element the index of the NF4 value nearest to x / absmax:
+keeps absmax = max |x| and each element the index of the NF4 value nearest to its scaled value:
 
-    code[i] = #{k : threshold[k] < x[i] * (1 / absmax)}     thresholds = midpoints of the NF4 table
+    code[i] = #{k : threshold[k] < s[i]}      thresholds = midpoints of the NF4 table, in float32
+    s[i]    = x[i] * r,  r = 1 / max(absmax, 1e-38)   (r rounded once; r = 0 for an all-zero block)
+    s[i]    = x[i] / max(absmax, 1e-38)   in the last block when it is partial (n % blocksize != 0),
+              whose stored absmax is then max(absmax, 1e-38)
 
 Two codes share a byte, the earlier element in the high nibble (byte j = code[2j] << 4 | code[2j+1];
 an odd n pads one zero, code 7). With double quantization the float32 absmax vector is itself
-quantized: offset = mean(absmax), then (absmax - offset) in blocks of 256 to 8-bit codes of the
-"dynamic" table with one float32 scale per block, by the same nearest-value rule. Dequantization:
+quantized: offset = mean(absmax) (torch's mean on the tensor's device), then (absmax - offset) in
+blocks of 256 to 8-bit codes of the "dynamic" table with one float32 scale per block, by the same
+rules. Dequantization:
 
     absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // 256] + offset     (two float32 roundings)
     w[i]      = code[nibble i] * absmax[i // 64], rounded once to the output dtype
 
-Every step rounds exactly where bitsandbytes' CUDA kernels round (reciprocal-multiply scaling,
-midpoint thresholds with ties to the lower code, no fused multiply-add), so packed bytes, scales
-and dequantized values are equal bit for bit, and a bitsandbytes checkpoint converts both ways
-without loss (`velotune.quant.bnb_format`).
+The specification is bitsandbytes' device-independent PyTorch implementation of its ops
+(`bitsandbytes/backends/default/ops.py`: quantize_4bit, quantize_blockwise, dequantize_*), which
+these rules restate: every division and multiplication is correctly rounded float32 and nothing is
+fused. The reference functions below follow it in torch and the Triton kernels follow it
+instruction by instruction (`tl.math.div_rn` for every division, no FMA contraction), so on CPU
+and GPU alike packed bytes, scales and dequantized values equal bitsandbytes' CPU results bit for
+bit. bitsandbytes' CUDA kernels differ on rare elements: they are built with --use_fast_math, so
+their 1 / absmax is the approximate MUFU.RCP (off by an ulp for some float32 absmax values, which
+moves the elements that sit within an ulp of a threshold), their 8-bit search breaks some exact
+ties upward, and they scale a partial last block by the reciprocal. Either side's tensors load
+into the other unchanged (`velotune.quant.bnb_format`); only a requantization can tell them apart.
 """
 
 from __future__ import annotations
@@ -40,21 +51,28 @@ DEQUANT_WARPS = 4
 
 
 @triton.jit
-def _inverse_scale(absmax):
-    # 1 / max(absmax, 1e-38) as bitsandbytes computes it, except that an all-zero block gets 0
-    # instead of 1e38: its elements scale to 0 either way, and 0 survives a flush-to-zero of the
-    # subnormal 1e-38 where 1 / 0 = inf would turn them into NaN. fdiv(ieee_rounding=True): IEEE
-    # division (plain `/` compiles to an approximate divide on NVIDIA GPUs); it exists on every
-    # Triton we support, where tl.div_rn failed to compile on Triton 3.6.
-    # Triton types a float literal below float32's smallest normal (1.18e-38) as float64, so the
-    # floor is cast back explicitly: without it the division mixes f32 and f64 and fails to compile.
-    one = tl.zeros_like(absmax) + 1.0
+def _scale(x, absmax, blocks, n_blocks, HAS_TAIL: tl.constexpr):
+    # x [ROWS, BLOCKSIZE] float32 scaled by its row's absmax as bitsandbytes' PyTorch ops do: times
+    # the rounded reciprocal of max(absmax, 1e-38), divided by it in a partial last block. Returns
+    # (scaled, absmax to store). tl.math.div_rn is IEEE division on every Triton we support; `/` and
+    # tl.fdiv (whose ieee_rounding flag Triton 3.6 ignores) compile to the approximate div.full.f32,
+    # which made float32 inputs quantize differently on the GPU. An all-zero block scales by 0
+    # instead of 1e38 (its elements scale to 0 either way, and 0 survives a flush-to-zero of the
+    # subnormal floor where 1 / 0 = inf would make NaN). The floor is cast back to float32 because
+    # Triton types a literal below float32's smallest normal as float64.
     floor = tl.maximum(absmax, 1e-38).to(tl.float32)
-    return tl.where(absmax > 0, tl.fdiv(one, floor, ieee_rounding=True), 0.0)
+    one = tl.zeros_like(floor) + 1.0
+    inverse = tl.where(absmax > 0, tl.math.div_rn(one, floor), 0.0)
+    scaled = x * inverse[:, None]
+    if HAS_TAIL:
+        tail = blocks == n_blocks - 1
+        scaled = tl.where(tail[:, None], tl.math.div_rn(x, tl.zeros_like(x) + floor[:, None]), scaled)
+        absmax = tl.where(tail, floor, absmax)
+    return scaled, absmax
 
 
 # 4-bit quantization, ROWS blocks of BLOCKSIZE elements per program.
-#   absmax[b] = max |x| over block b;  code = #{thresholds < x * (1 / absmax)};  byte = hi << 4 | lo
+#   absmax[b] = max |x| over block b;  code = #{thresholds < scaled x};  byte = hi << 4 | lo
 # Floor: read n elements, write n / 2 bytes + 4 bytes per block.
 @triton.jit
 def _quantize_nf4_kernel(
@@ -67,12 +85,12 @@ def _quantize_nf4_kernel(
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     N_THRESHOLDS: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(x_ptr + elems, mask=elems < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)
-    scaled = x * _inverse_scale(absmax)[:, None]
+    scaled, absmax = _scale(x, tl.max(tl.abs(x), axis=1), blocks, n_blocks, HAS_TAIL)
     codes = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
     for k in tl.static_range(N_THRESHOLDS):
         codes += (scaled > tl.load(thresholds_ptr + k)).to(tl.int32)
@@ -85,8 +103,8 @@ def _quantize_nf4_kernel(
 
 
 # 8-bit blockwise quantization of (absmax - offset), ROWS blocks of BLOCKSIZE per program: the
-# nearest of 2^LOG2_CODES sorted table values, found by a binary search over the midpoints.
-# Floor: read and write n_blocks values (tiny: 1/64 of the weight's elements).
+# nearest of 2^LOG2_CODES sorted table values (ties to the lower), found by a binary search over
+# the midpoints. Floor: read and write n_blocks values (tiny: 1/64 of the weight's elements).
 @triton.jit
 def _quantize_blockwise_8bit_kernel(
     x_ptr,
@@ -99,13 +117,13 @@ def _quantize_blockwise_8bit_kernel(
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     LOG2_CODES: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     mask = elems < n
     x = tl.where(mask, tl.load(x_ptr + elems, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
-    absmax = tl.max(tl.abs(x), axis=1)
-    scaled = x * _inverse_scale(absmax)[:, None]
+    scaled, absmax = _scale(x, tl.max(tl.abs(x), axis=1), blocks, n_blocks, HAS_TAIL)
     codes = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
     for k in tl.static_range(LOG2_CODES):
         candidate = codes + (1 << (LOG2_CODES - 1 - k))
@@ -263,14 +281,20 @@ def _reference_blockwise(
     x: torch.Tensor, blocksize: int, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int64, one per element of x) and float32 absmax (one per block) of nearest-value
-    quantization of flat float32 x onto a sorted table, rounding as the Triton kernels do."""
+    quantization of flat float32 x onto a sorted table, as bitsandbytes' PyTorch ops compute them:
+    whole blocks times the rounded reciprocal of their absmax, a partial last block divided by its
+    absmax floored at 1e-38 (the floored value is the one stored)."""
     n = x.numel()
     n_blocks = math.ceil(n / blocksize)
     blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    inverse = torch.where(absmax > 0, 1.0 / absmax.clamp(min=1e-38), torch.zeros_like(absmax))
-    codes = torch.bucketize(blocks * inverse[:, None], midpoints(table))
-    return codes.view(-1), absmax
+    floor = absmax.clamp(min=1e-38)
+    inverse = torch.where(absmax > 0, 1.0 / floor, torch.zeros_like(absmax))
+    scaled = blocks * inverse[:, None]
+    if n % blocksize:
+        scaled[-1] = blocks[-1] / floor[-1]
+        absmax[-1] = floor[-1]
+    return torch.bucketize(scaled, midpoints(table)).view(-1), absmax
 
 
 def quantize_nf4_reference(
@@ -327,6 +351,23 @@ def _rows_per_program(blocksize: int) -> int:
     return max(1, ELEMENTS_PER_PROGRAM // blocksize)
 
 
+def _quantize_8bit_triton(
+    x: torch.Tensor, offset: torch.Tensor, table: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes (uint8) and float32 scales of flat float32 `x - offset` onto the sorted 256-value
+    `table`, by the Triton kernel: the double quantization of the NF4 scales."""
+    n = x.numel()
+    n_blocks = math.ceil(n / blocksize)
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    rows = max(1, 1024 // blocksize)
+    _quantize_blockwise_8bit_kernel[(triton.cdiv(n_blocks, rows),)](
+        x, offset, codes, absmax, midpoints(table), n, n_blocks,
+        BLOCKSIZE=blocksize, ROWS=rows, LOG2_CODES=8, HAS_TAIL=n % blocksize != 0,
+    )  # fmt: skip
+    return codes, absmax
+
+
 def quantize_nf4_triton(
     weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256
 ) -> NF4Tensor:
@@ -343,8 +384,9 @@ def quantize_nf4_triton(
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     rows = _rows_per_program(blocksize)
     _quantize_nf4_kernel[(triton.cdiv(n_blocks, rows),)](
-        x, data, absmax, midpoints(code), n, n_blocks, BLOCKSIZE=blocksize, ROWS=rows, N_THRESHOLDS=15
-    )
+        x, data, absmax, midpoints(code), n, n_blocks,
+        BLOCKSIZE=blocksize, ROWS=rows, N_THRESHOLDS=15, HAS_TAIL=n % blocksize != 0,
+    )  # fmt: skip
     q = NF4Tensor(
         data=data, absmax=absmax, code=code, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize
     )
@@ -353,14 +395,7 @@ def quantize_nf4_triton(
     # torch's mean, as bitsandbytes takes it: the same reduction on the same values gives the same float.
     offset = absmax.mean()
     nested_code = dynamic_code_8bit(device)
-    n_nested = math.ceil(n_blocks / nested_blocksize)
-    qabsmax = torch.empty(n_blocks, dtype=torch.uint8, device=device)
-    nested_absmax = torch.empty(n_nested, dtype=torch.float32, device=device)
-    rows = max(1, 1024 // nested_blocksize)
-    _quantize_blockwise_8bit_kernel[(triton.cdiv(n_nested, rows),)](
-        absmax, offset, qabsmax, nested_absmax, midpoints(nested_code), n_blocks, n_nested,
-        BLOCKSIZE=nested_blocksize, ROWS=rows, LOG2_CODES=8,
-    )  # fmt: skip
+    qabsmax, nested_absmax = _quantize_8bit_triton(absmax, offset, nested_code, nested_blocksize)
     return replace(
         q,
         absmax=qabsmax,
