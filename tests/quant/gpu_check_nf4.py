@@ -140,6 +140,7 @@ def check_kernels(dev, smoke: bool) -> list[dict]:
                     w, blocksize=64, compress_statistics=True, quant_type="nf4"
                 )
                 row["bnb_packed_equal"] = torch.equal(packed.view(-1), tri.data)
+                row["bnb_packed_byte_mismatches"] = int((packed.view(-1) != tri.data).sum())
                 row["bnb_offset_equal"] = torch.equal(state.offset.reshape(()), tri.nested_offset.reshape(()))
                 row["bnb_nested_absmax_equal"] = torch.equal(state.state2.absmax, tri.nested_absmax)
                 theirs = _from_bnb(packed, state)
@@ -180,11 +181,27 @@ def check_kernels(dev, smoke: bool) -> list[dict]:
     return rows
 
 
+# What must hold on the GPU: our compiled kernels equal the reference (which equals bitsandbytes' CPU
+# ops bit for bit, tests/quant/test_nf4.py), and bitsandbytes' CUDA tensors decode through our kernels
+# to exactly bitsandbytes' own dequantization (the format converts both ways without loss). Whether
+# bitsandbytes' CUDA *quantizer* picks the same codes is recorded, not required: it is built with
+# --use_fast_math (approximate reciprocal), so elements within an ulp of a threshold can land on the
+# neighbouring code (velotune/quant/nf4.py's docstring).
+REQUIRED_EQUAL = (
+    "quantize_equal_reference",
+    "dequant_bfloat16_equal_reference",
+    "dequant_float16_equal_reference",
+    "dequant_float32_equal_reference",
+    "bnb_dequant_equal",
+    "bnb_offset_equal",
+)
+
+
 def kernels_ok(rows: list[dict]) -> bool:
     ok = True
     for row in rows:
         for key, value in row.items():
-            if isinstance(value, bool) and not value:
+            if key in REQUIRED_EQUAL and value is False:
                 ok = False
             if key.endswith("rel_err") and value > 1e-2:
                 ok = False

@@ -840,11 +840,12 @@ def _is_plain_causal(q, k, sliding_window, softcap, cu_seqlens, key_padding_mask
 
 
 # Which path runs packed causal attention (cu_seqlens, no softcap) on CUDA in "auto" mode: "triton" or
-# "varlen" (PyTorch's FlashAttention-2 varlen kernel). Set from tests/kernels/gpu_check_varlen_attention.py,
-# which times both on the same packed tokens: varlen only if it measures faster there (not yet measured on
-# the H100; until then the Triton kernel, 1.8x slower than cuDNN SDPA on equal-length documents, stays).
-# Our kernel also stays wherever varlen cannot compute what `attention` defines (`_varlen_supported`).
-PACKED_BACKEND = "triton"
+# "varlen" (PyTorch's FlashAttention-2 varlen kernel). Chosen by tests/kernels/gpu_check_varlen_attention.py,
+# which times both on the same packed tokens: on an H100 (torch 2.11) varlen's forward + backward was faster
+# in every packed case, 1.04x (8B heads, 4 x 2048) to 1.69x (1B heads, 16 x 512), with the same numbers
+# (benchmarks/results/h100-2026-11-24-s4/varlen_attention.json). Our kernel still runs wherever varlen cannot
+# compute what `attention` defines (`_varlen_supported`: softcap, fp32, head_dim > 256, ...).
+PACKED_BACKEND = "varlen"
 
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 _VARLEN_MAX_HEAD_DIM = 256  # FlashAttention-2's largest head dim; it also wants a multiple of 8
