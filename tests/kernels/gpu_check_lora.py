@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from velotune.kernels.lora import LoraProjectionFunction, lora_projection_reference
+from velotune.kernels.lora import LoraProjectionFunction, lora_layout, lora_projection_reference
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,8 +43,8 @@ def _make(tokens, in_features, out_sizes, r, dev, dtype, seed=0):
 
 
 def _fused(x, weight, lora_a, lora_bs, out_sizes, scales):
-    has = tuple(True for _ in lora_bs)
-    return LoraProjectionFunction.apply(x, None, weight, None, lora_a, out_sizes, scales, has, *lora_bs)
+    layout = lora_layout(x.shape[-1], out_sizes, scales, [b.shape[1] for b in lora_bs])
+    return LoraProjectionFunction.apply(x, None, weight, None, lora_a, layout, *lora_bs)
 
 
 def _reference(x, weight, lora_a, lora_bs, out_sizes, scales):

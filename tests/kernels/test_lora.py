@@ -3,9 +3,19 @@
 import pytest
 import torch
 
-from tests.model_zoo import rel_err
+import velotune
+import velotune.kernels.lora as lora_kernel
+from tests.model_zoo import random_batch, rel_err, save_hf_model
 from velotune.errors import KernelError
-from velotune.kernels.lora import LoraProjectionFunction, lora_projection, lora_projection_reference
+from velotune.kernels.lora import (
+    LoraLayout,
+    LoraProjectionFunction,
+    lora_layout,
+    lora_project,
+    lora_projection,
+    lora_projection_reference,
+)
+from velotune.lora import LoraProjection
 
 
 def make_case(out_sizes, ranks, in_features, lead, seed, dtype=torch.float32, lora_dtype=None, bias=True):
@@ -42,10 +52,8 @@ def run(fn, case, train_weight=False, dy_seed=3, **kw):
 
 
 def function_path(x, w, b, a, bs, out_sizes, scales, x_lora=None):
-    has = tuple(t is not None for t in bs)
-    return LoraProjectionFunction.apply(
-        x, x_lora, w, b, a, out_sizes, scales, has, *[t for t in bs if t is not None]
-    )
+    layout = lora_layout(x.shape[-1], out_sizes, scales, [0 if t is None else t.shape[1] for t in bs])
+    return LoraProjectionFunction.apply(x, x_lora, w, b, a, layout, *[t for t in bs if t is not None])
 
 
 def assert_same(case, tol=1e-5, train_weight=False):
@@ -185,3 +193,180 @@ def test_mismatched_layout_is_refused():
     with pytest.raises(KernelError, match="one B"):
         lora_projection(case["x"], case["weight"], None, case["lora_a"], case["lora_bs"][:1], case["out_sizes"],
                         case["scales"])  # fmt: skip
+
+
+# The per-call path of modules that own their LoRA weights: the layout is prepared once (`lora_layout`),
+# each call passes only the B of the blocks that carry LoRA (`lora_project`).
+
+
+def prepared_path(x, w, b, a, bs, out_sizes, scales, **kw):
+    layout = lora_layout(x.shape[-1], out_sizes, scales, [0 if t is None else t.shape[1] for t in bs])
+    return lora_project(x, w, b, a, [t for t in bs if t is not None], layout, **kw)
+
+
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.parametrize(
+    "out_sizes, ranks, lead",
+    [((120, 40, 40), (4, 0, 3), (2, 7)), ((72, 72), (8, 8), (37,)), ((48,), (16,), (1, 1))],
+)
+def test_prepared_layout_gives_bitwise_the_outputs_and_gradients_of_the_public_function(
+    mode, out_sizes, ranks, lead, monkeypatch
+):
+    monkeypatch.setenv("VELOTUNE_KERNELS", mode)
+    case = make_case(out_sizes, ranks, 48, lead, seed=20)
+    for train_weight in (False, True):
+        y, grads = run(prepared_path, case, train_weight)
+        y_ref, grads_ref = run(lora_projection, case, train_weight)
+        assert torch.equal(y, y_ref) and grads.keys() == grads_ref.keys()
+        for name, g in grads.items():
+            assert (g is None) == (grads_ref[name] is None), name
+            assert g is None or torch.equal(g, grads_ref[name]), name
+    # And the reference path agrees with the hand-written one to float32 rounding.
+    y_fn, grads_fn = run(function_path, case, True)
+    assert rel_err(y, y_fn) < 1e-5
+    for name, g in grads.items():
+        assert g is None or rel_err(g, grads_fn[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize(
+    "dtype, lora_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32)]
+)
+def test_a_forward_without_grad_skips_the_autograd_function_and_gives_bitwise_its_output(
+    dropout, dtype, lora_dtype, monkeypatch
+):
+    """As the first forward of a checkpointed layer: the same numbers as the recorded forward, no graph."""
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    case = make_case((120, 40, 40), (4, 0, 4), 48, (2, 9), seed=21, dtype=dtype, lora_dtype=lora_dtype)
+    applied = []
+    real_apply = LoraProjectionFunction.apply
+    monkeypatch.setattr(LoraProjectionFunction, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    args = dict(dropout=dropout, training=True)
+    torch.manual_seed(5)
+    y_graph, _ = run(prepared_path, case, **args)
+    assert len(applied) == 1
+    x = case["x"].clone().requires_grad_(True)
+    a = case["lora_a"].clone().requires_grad_(True)
+    bs = [None if t is None else t.clone().requires_grad_(True) for t in case["lora_bs"]]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        y_free = prepared_path(
+            x, case["weight"], case["bias"], a, bs, case["out_sizes"], case["scales"], **args
+        )
+    assert len(applied) == 1, "the no-grad forward must not build an autograd Function"
+    assert y_free.grad_fn is None and not y_free.requires_grad
+    assert y_free.shape == y_graph.shape and y_free.dtype == y_graph.dtype
+    assert torch.equal(y_free, y_graph)
+
+
+def test_layouts_are_worked_out_once_and_refuse_mismatched_blocks():
+    layout = lora_layout(48, [120, 40, 40], [2, 0.0, 0.5], [4, 0, 3])
+    assert lora_layout(48, (120, 40, 40), (2.0, 0.0, 0.5), (4, 0, 3)) is layout  # shared, not rebuilt
+    assert layout.blocks == ((0, 2.0), (2, 0.5)) and layout.lora_ranks == (4, 3)
+    assert layout.out_features == 200 and layout.in_features == 48
+    with pytest.raises(KernelError, match="one output size, one scale and one rank"):
+        LoraLayout(48, (120, 40), (1.0, 1.0), (4,))
+    with pytest.raises(KernelError, match="one output size, one scale and one rank"):
+        lora_layout(48, (120,), (1.0,), (-1,))
+
+
+def test_the_prepared_path_refuses_an_input_of_the_wrong_width_or_a_missing_b(monkeypatch):
+    case = make_case((40, 20), (4, 4), 24, (2, 3), seed=22)
+    layout = lora_layout(24, case["out_sizes"], case["scales"], (4, 4))
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("VELOTUNE_KERNELS", mode)
+        with pytest.raises(KernelError, match="input width 23"):
+            lora_project(case["x"][..., :23], case["weight"], None, case["lora_a"], case["lora_bs"], layout)
+        with pytest.raises(KernelError, match="2 blocks with LoRA"):
+            lora_project(case["x"], case["weight"], None, case["lora_a"], case["lora_bs"][:1], layout)
+
+
+# The no-grad forward is what a checkpointed layer runs first; its recomputation in the backward runs
+# the autograd Function. Both must give the loss and gradients of the plain forward, dropout included.
+
+
+@pytest.fixture(scope="module")
+def lora_llama(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("llama"))
+    save_hf_model("llama", folder)
+    base, _ = velotune.FastLanguageModel.from_pretrained(
+        folder, dtype=torch.float32, device_map="cpu", progress=False
+    )
+    model = velotune.FastLanguageModel.get_peft_model(
+        base,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.2,
+        target_modules="all-linear",
+        use_gradient_checkpointing=False,
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:  # B starts at zero, which would hide the B side of the math
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.train()
+
+
+def checkpointed_loss_and_grads(model, mode, policy, batch, monkeypatch):
+    """Loss, gradients, and how many projection forwards ran: (all of them, those through the Function)."""
+    model.gradient_checkpointing, model.checkpoint_policy = mode, policy
+    calls = {"forward": 0, "function": 0}
+    real_forward, real_apply = lora_kernel._fused_forward, LoraProjectionFunction.apply
+
+    def forward_spy(*args):
+        calls["forward"] += 1
+        return real_forward(*args)
+
+    def apply_spy(*args):
+        calls["function"] += 1
+        return real_apply(*args)
+
+    with monkeypatch.context() as spies:
+        spies.setattr(lora_kernel, "_fused_forward", forward_spy)
+        spies.setattr(LoraProjectionFunction, "apply", apply_spy)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the dropout masks
+        loss = model(**batch).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, calls
+
+
+@pytest.mark.parametrize(
+    "kernels, mode, policy",
+    [
+        ("lora", True, "full"),
+        ("lora", "offload", "full"),
+        ("lora", True, "save_attn"),
+        ("lora", "offload", "save_attn"),
+        ("triton", "offload", "full"),
+    ],
+)
+def test_checkpointed_lora_training_on_the_fused_path_gives_bitwise_the_plain_loss_and_gradients(
+    lora_llama, kernels, mode, policy, monkeypatch
+):
+    """kernels="lora": the LoRA projections take the autograd Function (CUDA's path), the other ops their
+    reference; "triton": every op takes its Triton path (interpreted)."""
+    if kernels == "lora":
+        monkeypatch.setattr(lora_kernel, "use_triton", lambda *tensors: True)
+    else:
+        monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    ids, mask, labels = random_batch(2, 5, seed=3, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads, ref_calls = checkpointed_loss_and_grads(
+        lora_llama, False, "full", batch, monkeypatch
+    )
+    loss, grads, calls = checkpointed_loss_and_grads(lora_llama, mode, policy, batch, monkeypatch)
+    projections = sum(isinstance(m, LoraProjection) for m in lora_llama.modules())
+    mlp = sum(isinstance(m, LoraProjection) and ".mlp." in n for n, m in lora_llama.named_modules())
+    assert ref_calls == {"forward": projections, "function": projections}  # every projection recorded once
+    # Checkpointed: the recomputed part first runs without a graph (no Function), then again with one.
+    recomputed = projections if policy == "full" else mlp
+    assert calls == {"forward": projections + recomputed, "function": projections}
+    trained = {n for n, p in lora_llama.named_parameters() if p.requires_grad}
+    assert ref_grads.keys() == grads.keys() == trained and all("lora_" in n for n in trained)
+    assert torch.equal(loss, ref_loss)
+    for name in ref_grads:
+        assert ref_grads[name].abs().max() > 0, name
+        assert torch.equal(grads[name], ref_grads[name]), name

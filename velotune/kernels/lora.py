@@ -18,6 +18,16 @@ plus 2*T*out*in for dW only when W is trained.
 Saves for backward: x (the caller's tensor, no copy), x_lora when dropout made one, and x A^T
 [T, R], which is tiny next to the output that is never saved.
 
+Launches per call (at Llama-3.2-1B the training step waits on the host, benchmarks/NOTES.md):
+forward = base GEMM, A GEMM, one in-place addmm per LoRA block into the base output; backward =
+per LoRA block one addmm for s dy B and one for dB, one GEMM for dA, and dx = the base GEMM with
+the LoRA term added into the same buffer by addmm; plus one cast of A and of each B (and of their
+gradients) when the LoRA weights are kept in another dtype than the activations. The block layout
+(`LoraLayout`) is worked out once per module, not per call, and no-op casts, views and slices are
+skipped. Without grad mode (the first forward of a checkpointed layer, inference) the same forward
+runs without the autograd Function: there is no graph to record, and its recomputation under grad
+mode gives bitwise the same output. `benchmarks/lora_host_cost.py` counts the ops and times them.
+
 The base weight may also be a quantized weight object (`velotune.quant.nf4_weight.NF4Weight`, any
 object with `linear(x2)`, `grad_input(dy2)` and `dequantize()`): the Function then has it compute
 x W^T and dy W itself, dequantizing into a reused scratch buffer inside each call, and keeps only
@@ -26,6 +36,7 @@ the object (never a dense copy) for backward; the reference path dequantizes it 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +44,54 @@ import torch.nn.functional as F
 
 from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
+
+
+class LoraLayout:
+    """Where the LoRA blocks of one fused projection sit, worked out (and checked) once.
+
+    out_sizes, scales, ranks: per output block (rank 0: no LoRA on that block).
+    blocks: per block that has LoRA, in order: (index of the block in out_sizes, scale).
+    lora_ranks: the ranks of those blocks, i.e. how A's rows (and the columns of x A^T) split.
+    Instances are immutable and shared (`lora_layout`).
+    """
+
+    __slots__ = ("in_features", "out_features", "out_sizes", "scales", "ranks", "blocks", "lora_ranks")
+
+    def __init__(
+        self, in_features: int, out_sizes: tuple[int, ...], scales: tuple[float, ...], ranks: tuple[int, ...]
+    ):
+        if not (len(out_sizes) == len(scales) == len(ranks)) or any(r < 0 for r in ranks):
+            raise KernelError(
+                f"a LoRA layout needs one output size, one scale and one rank (>= 0) per block: got sizes "
+                f"{list(out_sizes)}, scales {list(scales)}, ranks {list(ranks)}."
+            )
+        self.in_features = in_features
+        self.out_features = sum(out_sizes)
+        self.out_sizes = out_sizes
+        self.scales = scales
+        self.ranks = ranks
+        self.blocks = tuple((i, scales[i]) for i, r in enumerate(ranks) if r)
+        self.lora_ranks = tuple(r for r in ranks if r)
+
+    def __repr__(self) -> str:
+        return f"LoraLayout(in={self.in_features}, out_sizes={self.out_sizes}, ranks={self.ranks}, scales={self.scales})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(in_features: int, out_sizes: tuple, scales: tuple, ranks: tuple) -> LoraLayout:
+    return LoraLayout(in_features, out_sizes, scales, ranks)
+
+
+def lora_layout(
+    in_features: int, out_sizes: Sequence[int], scales: Sequence[float], ranks: Sequence[int]
+) -> LoraLayout:
+    """The layout of a projection with these output blocks; rank 0 marks a block without LoRA."""
+    return _cached_layout(
+        int(in_features),
+        tuple(int(s) for s in out_sizes),
+        tuple(float(s) for s in scales),
+        tuple(int(r) for r in ranks),
+    )
 
 
 def _check(
@@ -77,93 +136,124 @@ def _base_grad_input(dy2: torch.Tensor, weight) -> torch.Tensor:
     return torch.mm(dy2, weight) if _is_dense(weight) else weight.grad_input(dy2)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., n] as [T, n]: the tensor itself when it is 2-D already (a view op costs host time too)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _split(t: torch.Tensor, sizes: tuple[int, ...]) -> Sequence[torch.Tensor]:
+    """Column blocks of a [T, sum(sizes)] tensor: one call for all of them, not one slice each."""
+    return (t,) if len(sizes) == 1 else t.split_with_sizes(sizes, 1)
+
+
+def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs):
+    """y (as [T, out]), the cast A, x A^T and the cast Bs: the forward of `LoraProjectionFunction`."""
+    dtype = x.dtype
+    x2 = _rows(x)
+    y = _base_linear(x2, weight, bias)
+    blocks = layout.blocks
+    if not blocks:
+        return y, None, None, ()
+    # LoRA weights may be kept in float32 (as PEFT keeps them) while the activations are 16-bit:
+    # the small factors are cast per call so every GEMM runs in the activation dtype.
+    a = _cast(lora_a, dtype)
+    bs = [_cast(b, dtype) for b in lora_bs]
+    xa = torch.mm(x2 if x_lora is None else _rows(x_lora), a.t())
+    ys = _split(y, layout.out_sizes)
+    xas = (xa,) if len(blocks) == 1 else xa.split_with_sizes(layout.lora_ranks, 1)
+    for (i, scale), xa_j, b in zip(blocks, xas, bs):
+        ys[i].addmm_(xa_j, b.t(), alpha=scale)
+    return y, a, xa, bs
+
+
+def _out_shape(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
+
+
 class LoraProjectionFunction(torch.autograd.Function):
     """Forward and hand-written backward of the fused LoRA projection (see the module docstring).
 
-    Inputs: x, x_lora (None: x itself), weight, bias, stacked A, the block layout (output sizes,
-    scales, which blocks have LoRA), then one B per block that has LoRA. Gradients are computed only for inputs that require them: a frozen base
-    weight never gets a buffer.
+    Inputs: x, x_lora (None: x itself), weight, bias, stacked A, the `LoraLayout`, then one B per
+    block that has LoRA, in block order. Gradients are computed only for inputs that require them:
+    a frozen base weight never gets a buffer.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, out_sizes, scales, has_lora, *present_bs):
-        dtype = x.dtype
-        present = iter(present_bs)
-        lora_bs = [next(present) if flag else None for flag in has_lora]
-        x2 = x.reshape(-1, x.shape[-1])
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        y = _base_linear(x2, weight, bias)
-        blocks = _lora_blocks(out_sizes, scales, lora_bs)
-        a = b_list = xa = None
-        if blocks:
-            # LoRA weights may be kept in float32 (as PEFT keeps them) while the activations are 16-bit:
-            # the small factors are cast per call so every GEMM runs in the activation dtype.
-            a = lora_a.to(dtype)
-            b_list = [blk[3].to(dtype) for blk in blocks]
-            xa = torch.mm(xl2, a.t())
-            for (out0, size, r0, _b, scale), b in zip(blocks, b_list):
-                r = b.shape[1]
-                y[:, out0 : out0 + size].addmm_(xa[:, r0 : r0 + r], b.t(), alpha=scale)
-        ctx.quantized_weight = None if _is_dense(weight) else weight
-        ctx.save_for_backward(x, x_lora, weight if _is_dense(weight) else None, a, xa, *(b_list or ()))
-        ctx.layout = [(out0, size, r0, scale) for out0, size, r0, _b, scale in blocks]
+    def forward(ctx, x, x_lora, weight, bias, lora_a, layout, *lora_bs):
+        y, a, xa, bs = _fused_forward(x, x_lora, weight, bias, lora_a, layout, lora_bs)
+        dense = _is_dense(weight)
+        ctx.quantized_weight = None if dense else weight
+        ctx.save_for_backward(x, x_lora, weight if dense else None, a, xa, *bs)
+        ctx.layout = layout
         ctx.has_bias = bias is not None
         ctx.lora_a_dtype = None if lora_a is None else lora_a.dtype
-        ctx.lora_b_dtypes = [blk[3].dtype for blk in blocks]
-        return y.view(*x.shape[:-1], weight.shape[0])
+        ctx.lora_b_dtypes = [b.dtype for b in lora_bs]
+        return _out_shape(y, x)
 
     @staticmethod
     def backward(ctx, dy):
-        x, x_lora, weight, a, xa, *b_list = ctx.saved_tensors
+        x, x_lora, weight, a, xa, *bs = ctx.saved_tensors
         if ctx.quantized_weight is not None:
             weight = ctx.quantized_weight
         need = ctx.needs_input_grad
-        width = x.shape[-1]
-        x2 = x.reshape(-1, width)
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, width)
-        dy2 = dy.reshape(-1, weight.shape[0])
+        layout = ctx.layout
+        dy2 = _rows(dy)
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
 
         dx = dx_lora = dw = db = da = None
-        dbs = [None] * len(b_list)
+        dbs = [None] * len(bs)
         dyb = None
-        if ctx.layout:
-            # dyb = [s_i * dy_i B_i]_i: the LoRA branch's gradient at x A^T, one slice per block.
+        if layout.blocks:
+            # dyb = [s_i * dy_i B_i]_i: the LoRA branch's gradient at x A^T, one column block per LoRA block.
             dyb = torch.empty(dy2.shape[0], a.shape[0], dtype=dy2.dtype, device=dy2.device)
-            for j, ((out0, size, r0, scale), b) in enumerate(zip(ctx.layout, b_list)):
-                r = b.shape[1]
-                dy_i = dy2[:, out0 : out0 + size]
-                dyb[:, r0 : r0 + r].addmm_(dy_i, b, beta=0, alpha=scale)
-                if need[8 + j]:
-                    db_i = torch.empty(size, r, dtype=dy2.dtype, device=dy2.device)
-                    db_i.addmm_(dy_i.t(), xa[:, r0 : r0 + r], beta=0, alpha=scale)
-                    dbs[j] = db_i.to(ctx.lora_b_dtypes[j])
+            dys = _split(dy2, layout.out_sizes)
+            several = len(bs) > 1
+            dybs = dyb.split_with_sizes(layout.lora_ranks, 1) if several else (dyb,)
+            xas = xa.split_with_sizes(layout.lora_ranks, 1) if several else (xa,)
+            for j, ((i, scale), b, dyb_j, xa_j) in enumerate(zip(layout.blocks, bs, dybs, xas)):
+                dy_i = dys[i]
+                dyb_j.addmm_(dy_i, b, beta=0, alpha=scale)
+                if need[6 + j]:
+                    db_j = torch.empty(b.shape, dtype=dy2.dtype, device=dy2.device)
+                    db_j.addmm_(dy_i.t(), xa_j, beta=0, alpha=scale)
+                    dbs[j] = _cast(db_j, ctx.lora_b_dtypes[j])
             if need[4]:
-                da = torch.mm(dyb.t(), xl2).to(ctx.lora_a_dtype)
+                xl2 = _rows(x if x_lora is None else x_lora)
+                da = _cast(torch.mm(dyb.t(), xl2), ctx.lora_a_dtype)
         if need[0]:
             dx = _base_grad_input(dy2, weight)
             if dyb is not None and x_lora is None:
                 dx.addmm_(dyb, a)  # the LoRA path accumulates into the base path's buffer
-            dx = dx.view(x.shape)
+            if x.dim() != 2:
+                dx = dx.view(x.shape)
         if need[1] and dyb is not None:
             dx_lora = torch.mm(dyb, a).view(x.shape)
         if need[2]:
-            dw = torch.mm(dy2.t(), x2)
+            dw = torch.mm(dy2.t(), _rows(x))
         if ctx.has_bias and need[3]:
             db = dy2.sum(0)
-        return (dx, dx_lora, dw, db, da, None, None, None, *dbs)
+        return (dx, dx_lora, dw, db, da, None, *dbs)
 
 
-def _lora_blocks(out_sizes, scales, lora_bs):
-    """(output offset, output size, offset in A's rows, B, scale) of every block that has LoRA."""
-    blocks, out0, r0 = [], 0, 0
-    for size, scale, b in zip(out_sizes, scales, lora_bs):
-        if b is not None:
-            blocks.append((out0, size, r0, b, float(scale)))
-            r0 += b.shape[1]
-        out0 += size
-    return blocks
+def _reference(x, weight, bias, lora_a, lora_bs, layout: LoraLayout, x_lora):
+    x2 = _rows(x)
+    y = F.linear(x2, weight, bias)
+    blocks = layout.blocks
+    if blocks:
+        dtype = x.dtype
+        xa = F.linear(x2 if x_lora is None else _rows(x_lora), _cast(lora_a, dtype))
+        xas = (xa,) if len(blocks) == 1 else xa.split_with_sizes(layout.lora_ranks, 1)
+        parts = list(_split(y, layout.out_sizes))
+        for (i, scale), xa_j, b in zip(blocks, xas, lora_bs):
+            # y_i + s_i * xa_i B_i^T in one op (not matmul, mul, add: three launches).
+            parts[i] = torch.addmm(parts[i], xa_j, _cast(b, dtype).t(), alpha=scale)
+        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
 def lora_projection_reference(
@@ -177,25 +267,9 @@ def lora_projection_reference(
     x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-autograd reference: y = x W^T + b, each block plus s_i * (x_lora A_i^T) B_i^T."""
-    y = F.linear(x, weight, bias)
-    blocks = _lora_blocks(out_sizes, scales, lora_bs)
-    if not blocks:
-        return y
-    xa = F.linear(x if x_lora is None else x_lora, lora_a.to(x.dtype))
-    parts = list(y.split(list(out_sizes), dim=-1))
-    index = {out0: i for i, out0 in enumerate(_offsets(out_sizes))}
-    for out0, _size, r0, b, scale in blocks:
-        i = index[out0]
-        parts[i] = parts[i] + F.linear(xa[..., r0 : r0 + b.shape[1]], b.to(x.dtype)) * scale
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-
-def _offsets(sizes: Sequence[int]) -> list[int]:
-    out, total = [], 0
-    for size in sizes:
-        out.append(total)
-        total += size
-    return out
+    ranks = [0 if b is None else b.shape[1] for b in lora_bs]
+    layout = lora_layout(x.shape[-1], out_sizes, scales, ranks)
+    return _reference(x, weight, bias, lora_a, [b for b in lora_bs if b is not None], layout, x_lora)
 
 
 def lora_projection(
@@ -223,13 +297,42 @@ def lora_projection(
         dropout: LoRA dropout probability, applied (in training only) to the LoRA branch's input.
     """
     _check(x, weight, lora_a, lora_bs, out_sizes, scales)
+    layout = lora_layout(
+        weight.shape[1], out_sizes, scales, [0 if b is None else b.shape[1] for b in lora_bs]
+    )
+    present = [b for b in lora_bs if b is not None]
+    return lora_project(x, weight, bias, lora_a, present, layout, dropout=dropout, training=training)
+
+
+def lora_project(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_bs: Sequence[torch.Tensor],
+    layout: LoraLayout,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """`lora_projection` with the block layout prepared once (`lora_layout`): the per-call path of
+    modules that own their LoRA weights. `lora_bs` holds the B of each block that has LoRA, in block
+    order; the caller guarantees the shapes fit the layout (`LoraProjection.set_lora` checks them)."""
+    if x.shape[-1] != layout.in_features:
+        raise KernelError(
+            f"lora_projection: input width {x.shape[-1]} for a weight of width {layout.in_features}."
+        )
+    if len(lora_bs) != len(layout.blocks):
+        raise KernelError(
+            f"lora_project: {len(lora_bs)} B for a layout with {len(layout.blocks)} blocks with LoRA ({layout})."
+        )
     x_lora = F.dropout(x, dropout, training=True) if dropout > 0 and training else None
     if use_triton(x, weight):
-        has_lora = tuple(b is not None for b in lora_bs)
-        present = [b for b in lora_bs if b is not None]
-        return LoraProjectionFunction.apply(
-            x, x_lora, weight, bias, lora_a, tuple(out_sizes), tuple(scales), has_lora, *present
-        )
+        if not torch.is_grad_enabled():
+            # No graph to record (the first forward of a checkpointed layer, inference): the same
+            # math without the autograd Function's bookkeeping.
+            return _out_shape(_fused_forward(x, x_lora, weight, bias, lora_a, layout, lora_bs)[0], x)
+        return LoraProjectionFunction.apply(x, x_lora, weight, bias, lora_a, layout, *lora_bs)
     if not _is_dense(weight):
         weight = weight.dequantize()  # the reference path works on the dense weight (autograd keeps it)
-    return lora_projection_reference(x, weight, bias, lora_a, lora_bs, out_sizes, scales, x_lora)
+    return _reference(x, weight, bias, lora_a, lora_bs, layout, x_lora)

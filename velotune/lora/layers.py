@@ -21,7 +21,7 @@ from torch import nn
 
 from velotune.errors import AdapterError
 from velotune.kernels.activations import gated_activation
-from velotune.kernels.lora import lora_projection
+from velotune.kernels.lora import LoraLayout, lora_layout, lora_project, lora_projection
 from velotune.models.layers import Projection, SparseMoE
 from velotune.models.spec import ArchSpec
 
@@ -110,6 +110,9 @@ class LoraProjection(MergeToggle, Projection):
         self.scale: dict[str, float] = {}
         self.lora_dropout = 0.0
         self.merged = False
+        # Worked out once in set_lora, read by every forward: (layout, names of the blocks with LoRA).
+        self._layout: LoraLayout | None = None
+        self._b_names: tuple[str, ...] = ()
 
     def lora_blocks(self) -> list[str]:
         """Names of the blocks that carry LoRA, in the order their A rows are stacked."""
@@ -144,18 +147,23 @@ class LoraProjection(MergeToggle, Projection):
             self.lora_A = nn.Parameter(torch.cat(stacked).contiguous(), requires_grad=requires_grad)
             for name, f in factors.items():
                 self.lora_B[name] = nn.Parameter(f.b.detach().clone(), requires_grad=requires_grad)
+        ranks = [self.rank.get(n, 0) for n in self.names]
+        self._layout = lora_layout(
+            self.in_features, self.out_sizes, [self.scale.get(n, 0.0) for n in self.names], ranks
+        )
+        self._b_names = tuple(self.lora_blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.rank:
+        if self.merged or not self._b_names:
             return super().forward(x)
-        return lora_projection(
+        lora_b = self.lora_B
+        return lora_project(
             x,
             self.weight,
             self.bias,
             self.lora_A,
-            [self.lora_B[n] if n in self.rank else None for n in self.names],
-            self.out_sizes,
-            [self.scale.get(n, 0.0) for n in self.names],
+            [getattr(lora_b, n) for n in self._b_names],
+            self._layout,
             dropout=self.lora_dropout,
             training=self.training,
         )

@@ -13,7 +13,7 @@ from torch import nn
 
 from velotune.kernels.activations import gated_activation
 from velotune.kernels.attention import attention
-from velotune.kernels.lora import lora_projection
+from velotune.kernels.lora import lora_layout, lora_project
 from velotune.kernels.rmsnorm import rms_norm
 from velotune.kernels.rope import apply_rotary
 from velotune.models.spec import ArchSpec
@@ -31,6 +31,8 @@ class Projection(nn.Module):
         self.names = tuple(names)
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
+        n = len(self.out_sizes)
+        self._plain_layout = lora_layout(in_features, self.out_sizes, (0.0,) * n, (0,) * n)
 
     @property
     def out_features(self) -> int:
@@ -42,11 +44,11 @@ class Projection(nn.Module):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.weight, torch.Tensor):
-            return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, self.bias)
         # A quantized weight is dequantized inside the projection op, never kept dense.
-        n = len(self.out_sizes)
-        return lora_projection(x, self.weight, self.bias, None, [None] * n, self.out_sizes, [0.0] * n)
+        return lora_project(x, weight, self.bias, None, (), self._plain_layout)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={dict(zip(self.names, self.out_sizes))}, bias={self.bias is not None}"
