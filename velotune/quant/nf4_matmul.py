@@ -50,9 +50,12 @@ from velotune.errors import KernelError
 from velotune.quant.nf4 import NF4Tensor, dequantize_nf4_reference
 
 ROWS_LIMIT = 16  # rows of x the kernel takes (BLOCK_M up to 16)
-# Rows of x up to which NF4Weight.linear uses this kernel rather than dequantize + cuBLAS;
-# tests/quant/gpu_check_nf4_matmul.py prints the value its timings support.
-MAX_ROWS = 16
+# Rows of x up to which NF4Weight.linear uses this kernel rather than dequantize + cuBLAS. Measured on
+# an H100 as a CUDA-graph replay of Llama-3.1-8B's 224 projections of a decoding step
+# (benchmarks/results/h100-2026-11-24-s4/nf4_matmul_gpu_check.json): 1 row 5.61 ms against 12.87 ms for
+# dequantize + cuBLAS (and 5.74 ms for cuBLAS on the bf16 weight); 8 rows 11.70 ms against 12.87 ms;
+# at 16 rows the kernel was ~3x slower than dequantize + cuBLAS per call, so 16 rows go to cuBLAS.
+MAX_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +99,7 @@ LAUNCHES: dict[int, NF4MatmulLaunch] = {
     1: NF4MatmulLaunch(block_n=8, block_k=512),
     2: NF4MatmulLaunch(block_n=8, block_k=256),
     4: NF4MatmulLaunch(block_n=4, block_k=256),
-    8: NF4MatmulLaunch(block_n=4, block_k=128),
+    8: NF4MatmulLaunch(block_n=8, block_k=256),  # the H100 sweep's best at 8 rows (n4/k128: 17.2 ms)
     16: NF4MatmulLaunch(block_n=4, block_k=64),
 }
 
