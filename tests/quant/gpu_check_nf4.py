@@ -248,16 +248,21 @@ def check_bandwidth(dev, smoke: bool, iters: int) -> tuple[list[dict], list[dict
             del packed, state, out2
         rows.append(row)
         if name in ("8b gate/up_proj", "smoke"):
-            saved = (nf4.ELEMENTS_PER_PROGRAM, nf4.DEQUANT_WARPS)
+            # A short sweep; tests/quant/gpu_sweep_nf4_dequant.py times every candidate on every shape.
             for elements in (1024, 2048, 4096, 8192, 16384):
                 for warps in (2, 4, 8):
-                    nf4.ELEMENTS_PER_PROGRAM, nf4.DEQUANT_WARPS = elements, warps
+                    launch = nf4.DequantLaunch(elements_per_program=elements, num_warps=warps)
                     ok = (
-                        torch.equal(dequantize_nf4_triton(q), dequantize_nf4_reference(q, torch.bfloat16))
+                        torch.equal(
+                            dequantize_nf4_triton(q, launch=launch),
+                            dequantize_nf4_reference(q, torch.bfloat16),
+                        )
                         if dev.type == "cuda"
                         else True
                     )
-                    t = _time_ms(functools.partial(dequantize_nf4_triton, q, out=out), dev, iters)
+                    t = _time_ms(
+                        functools.partial(dequantize_nf4_triton, q, out=out, launch=launch), dev, iters
+                    )
                     sweep.append(
                         {
                             "elements_per_program": elements,
@@ -267,7 +272,6 @@ def check_bandwidth(dev, smoke: bool, iters: int) -> tuple[list[dict], list[dict
                             "exact": ok,
                         }
                     )
-            nf4.ELEMENTS_PER_PROGRAM, nf4.DEQUANT_WARPS = saved
     return rows, sweep
 
 

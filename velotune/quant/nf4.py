@@ -32,6 +32,7 @@ into the other unchanged (`velotune.quant.bnb_format`); only a requantization ca
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -44,10 +45,42 @@ from velotune.kernels._dispatch import use_triton
 from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# Elements handled by one program of the 4-bit kernels (a whole number of quantization blocks),
-# and warps per program of the dequantization kernel; tests/quant/gpu_check_nf4.py sweeps both.
+# Elements handled by one program of the 4-bit quantization kernel (a whole number of blocks).
 ELEMENTS_PER_PROGRAM = 4096
-DEQUANT_WARPS = 4
+
+
+@dataclass(frozen=True)
+class DequantLaunch:
+    """How the dequantization kernel is launched (tests/quant/gpu_sweep_nf4_dequant.py times these).
+
+    elements_per_program: elements per chunk (rounded to whole blocks, at least one block).
+    num_warps: warps per program.
+    programs_per_sm: 0 launches one program per chunk; k > 0 a persistent grid of k programs per SM
+        that loop over the chunks.
+    evict_first: load the packed bytes and scale codes with evict_first (they are read once).
+    load_bytes: bytes per vector load of the packed data; 0 picks 8 // output element size, the width
+        whose outputs fill one 16-byte store (any other width costs a layout shuffle through shared memory).
+    """
+
+    elements_per_program: int = 4096
+    num_warps: int = 4
+    programs_per_sm: int = 0
+    evict_first: bool = True
+    load_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("elements_per_program", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise KernelError(f"DequantLaunch.{name} must be a power of two, got {value}.")
+        if self.load_bytes < 0 or self.load_bytes & (self.load_bytes - 1) or self.programs_per_sm < 0:
+            raise KernelError(
+                f"DequantLaunch: load_bytes must be 0 or a power of two and programs_per_sm >= 0, got "
+                f"{self.load_bytes} and {self.programs_per_sm}."
+            )
+
+
+DEQUANT_LAUNCH = DequantLaunch()
 
 
 @triton.jit
@@ -132,41 +165,80 @@ def _quantize_blockwise_8bit_kernel(
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
 
 
-# Dequantization, ROWS blocks per program: w = code[nibble] * absmax, absmax rebuilt from its 8-bit
-# code when DOUBLE_QUANT. Launched without fp fusion so that code2 * absmax2 + offset rounds twice
-# as bitsandbytes does, not once in an FMA.
+# Dequantization of one chunk of ROWS blocks: w = code[nibble] * absmax, absmax rebuilt from its 8-bit
+# code when DOUBLE_QUANT. Launched without fp fusion so that code2 * absmax2 + offset rounds twice as
+# bitsandbytes does, not once in an FMA.
+# Layout: the packed bytes are read VEC at a time (tl.max_contiguous caps the vector) so that each
+# thread's VEC bytes expand to exactly the 2 * VEC outputs of one 16-byte store: the loaded tile and
+# the stored tile then share one register layout, and the compiler needs no shared-memory shuffle
+# (with 16-byte loads it inserted one, 7 barriers per program) between tl.interleave and the store.
+# Offsets inside the chunk are int32; the chunk's start is int64.
+@triton.jit
+def _dequantize_nf4_chunk(
+    chunk, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
+    n, n_bytes, n_blocks,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    VEC: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    first = chunk * ROWS  # chunk is int64
+    rows = tl.arange(0, ROWS)
+    byte_off = rows[:, None] * HALF + tl.max_contiguous(tl.arange(0, HALF), VEC)[None, :]
+    elem_off = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    blocks = first + rows
+    if EVEN:
+        byte = tl.load(packed_ptr + first * HALF + byte_off, eviction_policy=EVICT)
+        stat = tl.load(absmax_ptr + blocks, eviction_policy=EVICT)
+    else:
+        byte_mask = byte_off < n_bytes - first * HALF
+        byte = tl.load(packed_ptr + first * HALF + byte_off, mask=byte_mask, other=0, eviction_policy=EVICT)
+        stat = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0, eviction_policy=EVICT)
+    if DOUBLE_QUANT:
+        if EVEN:
+            scale2 = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE)
+        else:
+            scale2 = tl.load(
+                nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=blocks < n_blocks, other=0.0
+            )
+        absmax = tl.load(nested_code_ptr + stat.to(tl.int32)) * scale2 + offset
+    else:
+        absmax = stat
+    byte = byte.to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
+    lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
+    values = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+    if EVEN:
+        tl.store(out_ptr + first * BLOCKSIZE + elem_off, values)
+    else:
+        tl.store(out_ptr + first * BLOCKSIZE + elem_off, values, mask=elem_off < n - first * BLOCKSIZE)
+
+
+# Dequantization: one chunk of ROWS blocks per program, or (PERSISTENT) a grid of a few programs per
+# SM, each looping over every num_programs-th chunk.
 # Floor: read n / 2 bytes + 1 byte per block (+ 4 per 256 blocks), write n elements.
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    offset_ptr,
-    out_ptr,
-    n,
-    n_blocks,
-    BLOCKSIZE: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    ROWS: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-):
-    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    block_ok = blocks < n_blocks
-    byte_idx = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx * 2 < n, other=0).to(tl.int32)
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+    n, n_bytes, n_blocks, n_chunks,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    VEC: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    offset = 0.0
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
-        absmax = tl.load(nested_code_ptr + q) * scale2 + tl.load(offset_ptr)
+        offset = tl.load(offset_ptr)
+    chunk = tl.program_id(0).to(tl.int64)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        for i in tl.range(0, tl.cdiv(n_chunks - tl.program_id(0), step)):
+            _dequantize_nf4_chunk(
+                chunk + i * step, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                out_ptr, n, n_bytes, n_blocks, BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT,
+            )  # fmt: skip
     else:
-        absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
-    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
-    lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
-    values = tl.interleave(hi, lo)
-    elems = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + elems, values.to(out_ptr.dtype.element_ty), mask=elems < n)
+        _dequantize_nf4_chunk(
+            chunk, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
+            n, n_bytes, n_blocks, BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT,
+        )  # fmt: skip
 
 
 @dataclass
@@ -417,14 +489,34 @@ def _output(q: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: a small persistent grid still loops over several chunks
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def dequantize_nf4_triton(
-    q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    q: NF4Tensor,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    launch: DequantLaunch | None = None,
 ) -> torch.Tensor:
     """NF4 dequantization by the Triton kernel, into `out` (any float dtype, q.numel() elements) if given."""
     out = _output(q, dtype or q.dtype, out)
-    rows = _rows_per_program(q.blocksize)
+    launch = launch or DEQUANT_LAUNCH
+    blocksize = q.blocksize
+    n = q.numel()
+    n_blocks = q.n_blocks
+    rows = max(1, launch.elements_per_program // blocksize)
+    n_chunks = triton.cdiv(n_blocks, rows)
+    grid = n_chunks
+    if launch.programs_per_sm:
+        grid = min(n_chunks, launch.programs_per_sm * _sm_count(out.device))
+    vec = min(launch.load_bytes or max(1, 8 // out.element_size()), blocksize // 2)
     nested = q.double_quant
-    _dequantize_nf4_kernel[(triton.cdiv(q.n_blocks, rows),)](
+    _dequantize_nf4_kernel[(grid,)](
         q.data,
         q.absmax,
         q.code,
@@ -432,13 +524,19 @@ def dequantize_nf4_triton(
         q.nested_code if nested else q.code,
         q.nested_offset if nested else q.absmax,
         out,
-        q.numel(),
-        q.n_blocks,
-        BLOCKSIZE=q.blocksize,
+        n,
+        q.data.numel(),
+        n_blocks,
+        n_chunks,
+        BLOCKSIZE=blocksize,
         NESTED_BLOCKSIZE=q.nested_blocksize,
         ROWS=rows,
         DOUBLE_QUANT=nested,
-        num_warps=DEQUANT_WARPS,
+        VEC=vec,
+        EVEN=n % (rows * blocksize) == 0,
+        EVICT="evict_first" if launch.evict_first else "",
+        PERSISTENT=launch.programs_per_sm > 0,
+        num_warps=launch.num_warps,
         enable_fp_fusion=False,
     )
     return out
