@@ -80,7 +80,10 @@ class DequantLaunch:
             )
 
 
-DEQUANT_LAUNCH = DequantLaunch()
+# The H100 sweep's best by total one-call time over the 8B and 70B projection shapes
+# (tests/quant/gpu_sweep_nf4_dequant.py; benchmarks/results/h100-2026-11-24-s4/nf4_dequant_sweep.md):
+# 1.58x (70B gate/up) to 2.91x (8B k/v) bitsandbytes per call, 2.6-2.8 TB/s back to back on the large shapes.
+DEQUANT_LAUNCH = DequantLaunch(elements_per_program=8192, num_warps=2)
 
 
 @triton.jit
