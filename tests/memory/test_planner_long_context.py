@@ -189,12 +189,38 @@ def test_the_attention_backward_high_point_counts_every_tensor_alive_in_it():
     assert per_token(tiny(), "layer backward (attention)", 1 << 16, gradient_checkpointing=True) == on_gpu
 
 
-def test_the_mlp_tile_high_point_grows_by_the_layer_s_tensors_and_not_by_the_tile_s():
+# The fused MLP (velotune.memory.fused_mlp, LoRA on CUDA) never recomputes the tile's output, and
+# allocates d(activation output) after freeing the activation output.
+FUSED_MLP_TILE_ROW = MLP_TILE_ROW - H - 160 * 2
+
+
+@pytest.mark.parametrize("fused,row", [(False, MLP_TILE_ROW), (True, FUSED_MLP_TILE_ROW)])
+def test_the_mlp_tile_high_point_grows_by_the_layer_s_tensors_and_not_by_the_tile_s(fused, row):
     tile_phase = "layer backward (MLP)"
     per_token_part = 2 * H + H + (ATTENTION_GRAPH + 4 * 2) + H + H  # inputs, d(out), graph, output, d(half)
-    assert per_token(tiny(), tile_phase, 1 << 16) == per_token_part
-    whole = estimate_memory(tiny(), seq=1 << 16, lora_r=4, attention_backend="sdpa").phases[tile_phase]
-    assert whole == per_token_part * (1 << 16) + MLP_TILE_ROW * 8192  # 8,192-token tiles
+    assert per_token(tiny(), tile_phase, 1 << 16, fused_mlp=fused) == per_token_part
+    kw = dict(lora_r=4, attention_backend="sdpa", fused_mlp=fused)
+    whole = estimate_memory(tiny(), seq=1 << 16, **kw).phases[tile_phase]
+    assert whole == per_token_part * (1 << 16) + row * 8192  # 8,192-token tiles (a tiny MLP's fused tile too)
+    # By default a LoRA model's MLP is the fused one; a fully fine-tuned one's is not.
+    assert estimate_memory(tiny(), seq=1 << 16, lora_r=4, attention_backend="sdpa").phases[tile_phase] == (
+        per_token_part * (1 << 16) + FUSED_MLP_TILE_ROW * 8192
+    )
+
+
+def test_the_fused_mlp_s_default_tile_is_its_shape_s_at_llama_8b():
+    tile_phase = "layer backward (MLP)"
+    cfg = model_config("llama-3.1-8b")
+    generic = estimate_memory(cfg, batch=2, seq=2048, fused_mlp=False).breakdown
+    fused = estimate_memory(cfg, batch=2, seq=2048, fused_mlp=True)
+    mlp = estimate_memory(cfg, batch=2, seq=2048, fused_mlp=True, mlp_tile_tokens=0).phases[tile_phase]
+    # 2 x 2048 tokens: two 2,048-token tiles (and a buffer for d(MLP-half input) filled tile by tile).
+    row = 4096 * 2 + 4 + 32 * 2 + 2 * 14336 * 2 + 14336 * 2 + 16 * 2
+    assert fused.phases[tile_phase] == mlp - 2048 * row + 4096 * 4096 * 2
+    assert generic["one MLP tile's graph"] == 4096 * row
+    # 4-bit weights are dequantized again per tile: QLoRA keeps one 4,096-token tile.
+    qlora = estimate_memory(cfg, "qlora", batch=2, seq=2048, fused_mlp=True).breakdown
+    assert "d(MLP-half input), filled tile by tile" not in qlora
 
 
 def test_the_estimate_grows_by_the_attention_backward_count_at_long_context():
@@ -212,9 +238,12 @@ def test_the_estimate_grows_by_the_attention_backward_count_at_long_context():
 def test_the_estimate_is_within_10_percent_of_the_measured_h100_peak(run):
     source, model, method, batch, seq, checkpointing = run
     measured = peak_gib(recorded(*run))
+    # Every recorded run predates the fused MLP (velotune.memory.fused_mlp): its MLP went through
+    # autograd per tile, with 8,192-token tiles. benchmarks/mlp_tiles.py measures the fused one.
     estimate = estimate_memory(
-        model_config(model), method, batch=batch, seq=seq, lora_r=16, gradient_checkpointing=checkpointing
-    )
+        model_config(model), method, batch=batch, seq=seq, lora_r=16, gradient_checkpointing=checkpointing,
+        fused_mlp=False,
+    )  # fmt: skip
     assert abs(estimate.total / GIB - measured) / measured < 0.10
 
 

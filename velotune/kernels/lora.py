@@ -205,30 +205,14 @@ class LoraProjectionFunction(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
 
-        dx = dx_lora = dw = db = da = None
-        dbs = [None] * len(bs)
-        dyb = None
-        if layout.blocks:
-            # dyb = [s_i * dy_i B_i]_i: the LoRA branch's gradient at x A^T, one column block per LoRA block.
-            dyb = torch.empty(dy2.shape[0], a.shape[0], dtype=dy2.dtype, device=dy2.device)
-            dys = _split(dy2, layout.out_sizes)
-            several = len(bs) > 1
-            dybs = dyb.split_with_sizes(layout.lora_ranks, 1) if several else (dyb,)
-            xas = xa.split_with_sizes(layout.lora_ranks, 1) if several else (xa,)
-            for j, ((i, scale), b, dyb_j, xa_j) in enumerate(zip(layout.blocks, bs, dybs, xas)):
-                dy_i = dys[i]
-                dyb_j.addmm_(dy_i, b, beta=0, alpha=scale)
-                if need[6 + j]:
-                    db_j = torch.empty(b.shape, dtype=dy2.dtype, device=dy2.device)
-                    db_j.addmm_(dy_i.t(), xa_j, beta=0, alpha=scale)
-                    dbs[j] = _cast(db_j, ctx.lora_b_dtypes[j])
-            if need[4]:
-                xl2 = _rows(x if x_lora is None else x_lora)
-                da = _cast(torch.mm(dyb.t(), xl2), ctx.lora_a_dtype)
+        dx = dx_lora = dw = db = None
+        dyb, da, dbs = lora_factor_grads(
+            dy2, x if x_lora is None else x_lora, xa, a, bs, layout,
+            ctx.lora_a_dtype if need[4] else None,
+            [t if need[6 + j] else None for j, t in enumerate(ctx.lora_b_dtypes)],
+        )  # fmt: skip
         if need[0]:
-            dx = _base_grad_input(dy2, weight)
-            if dyb is not None and x_lora is None:
-                dx.addmm_(dyb, a)  # the LoRA path accumulates into the base path's buffer
+            dx = lora_input_grad(dy2, weight, dyb if x_lora is None else None, a)
             if x.dim() != 2:
                 dx = dx.view(x.shape)
         if need[1] and dyb is not None:
@@ -238,6 +222,53 @@ class LoraProjectionFunction(torch.autograd.Function):
         if ctx.has_bias and need[3]:
             db = dy2.sum(0)
         return (dx, dx_lora, dw, db, da, None, *dbs)
+
+
+def lora_factor_grads(
+    dy2: torch.Tensor,
+    x_lora: torch.Tensor,
+    xa: torch.Tensor | None,
+    a: torch.Tensor | None,
+    bs: Sequence[torch.Tensor],
+    layout: LoraLayout,
+    a_dtype: torch.dtype | None,
+    b_dtypes: Sequence[torch.dtype | None],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """The LoRA half of the projection's backward: (dyb = [s_i dy_i B_i]_i, dA, [dB_i]).
+
+    dy2 [T, out] contiguous; x_lora the LoRA branch's input; xa = x_lora A^T and a, bs the factors in
+    the activation dtype (as the forward made them). a_dtype / b_dtypes: the dtype each gradient is
+    returned in, None where that gradient is not wanted. Runs before `lora_input_grad`, so a caller
+    that owns x_lora can free it before the input gradient's buffer is allocated."""
+    dbs: list[torch.Tensor | None] = [None] * len(bs)
+    if not layout.blocks:
+        return None, None, dbs
+    dyb = torch.empty(dy2.shape[0], a.shape[0], dtype=dy2.dtype, device=dy2.device)
+    dys = _split(dy2, layout.out_sizes)
+    several = len(bs) > 1
+    dybs = dyb.split_with_sizes(layout.lora_ranks, 1) if several else (dyb,)
+    xas = xa.split_with_sizes(layout.lora_ranks, 1) if several else (xa,)
+    for j, ((i, scale), b, dyb_j, xa_j) in enumerate(zip(layout.blocks, bs, dybs, xas)):
+        dy_i = dys[i]
+        dyb_j.addmm_(dy_i, b, beta=0, alpha=scale)
+        if b_dtypes[j] is not None:
+            db_j = torch.empty(b.shape, dtype=dy2.dtype, device=dy2.device)
+            db_j.addmm_(dy_i.t(), xa_j, beta=0, alpha=scale)
+            dbs[j] = _cast(db_j, b_dtypes[j])
+    da = None
+    if a_dtype is not None:
+        da = _cast(torch.mm(dyb.t(), _rows(x_lora)), a_dtype)
+    return dyb, da, dbs
+
+
+def lora_input_grad(
+    dy2: torch.Tensor, weight, dyb: torch.Tensor | None, a: torch.Tensor | None
+) -> torch.Tensor:
+    """dy W (+ dyb A when the LoRA branch reads the same input), as [T, in]."""
+    dx = _base_grad_input(dy2, weight)
+    if dyb is not None:
+        dx.addmm_(dyb, a)  # the LoRA path accumulates into the base path's buffer
+    return dx
 
 
 def _reference(x, weight, bias, lora_a, lora_bs, layout: LoraLayout, x_lora):

@@ -153,6 +153,20 @@ class LoraProjection(MergeToggle, Projection):
         )
         self._b_names = tuple(self.lora_blocks())
 
+    def lora_parts(self) -> tuple:
+        if self.merged or not self._b_names:
+            return super().lora_parts()
+        lora_b = self.lora_B
+        bs = tuple(getattr(lora_b, n) for n in self._b_names)
+        return (
+            self.weight,
+            self.bias,
+            self.lora_A,
+            bs,
+            self._layout,
+            self.lora_dropout if self.training else 0.0,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self._b_names:
             return super().forward(x)

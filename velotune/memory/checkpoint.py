@@ -14,11 +14,13 @@
                about 7x the per-layer GPU memory of "full" at Llama-8B shapes.
 
 `model.mlp_tile_tokens`: the MLP half runs over tiles of this many tokens (`velotune.memory.tiled`).
-None (default): 8192 whenever tiling costs no extra compute (under checkpointing, or without a
-graph), off otherwise; 0: never; n: always (without checkpointing this recomputes the MLP once more).
-Smaller default tiles were measured and rejected: each tile costs ~4 ms of host time per layer
-(launches and autograd bookkeeping of the LoRA projections), so 1,024-token tiles at Llama-8B, 2 x 2048
-made the step 1.9x slower on an H100 (benchmarks/NOTES.md) for 0.45 GiB less memory.
+None (default): whenever tiling costs no extra compute (under checkpointing, or without a graph),
+`fused_tile_tokens` of the layer's shape (2,048 at Llama-8B) where the MLP takes the fused path
+(`velotune.memory.fused_mlp`: CUDA, LoRA or frozen weights, no LoRA dropout) under checkpointing
+and its weights are dense (a 4-bit weight is dequantized again per tile), else 8192; off otherwise; 0: never; n: always (without checkpointing this recomputes the MLP once
+more). Tiles through autograd (the generic path) cost ~4 ms of host time each on the H100 machine:
+1,024-token tiles made the 8B step 1.9x slower (benchmarks/NOTES.md); the fused path's tiles are
+its kernels alone (~70 ops), hence its smaller default.
 
 Every mode gives the same loss and gradients: bitwise on CPU in float32 when no tiling happens.
 The recomputation replays the forward's RNG (LoRA dropout) and autocast state.
@@ -34,7 +36,8 @@ from torch import nn
 
 from velotune.errors import ConfigError, KernelError
 from velotune.memory.offload import ActivationStore, SavedTensor
-from velotune.memory.tiled import token_tiles, tokenwise_backward, tokenwise_forward
+from velotune.memory.fused_mlp import fused_mlp_block
+from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
 MODES = (False, True, "offload")
 POLICIES = ("full", "save_attn")
@@ -211,6 +214,8 @@ def run_layers(
     if policy not in POLICIES:
         raise ConfigError(f"checkpoint_policy={policy!r}: use one of {POLICIES}.")
     tile = _tile_tokens(model, free=bool(mode) or not torch.is_grad_enabled())
+    # Under checkpointing, the automatic tile is smaller where the fused MLP makes tiles cheap.
+    auto_tile = bool(mode) and getattr(model, "mlp_tile_tokens", None) is None
     store = activation_store(model) if mode else None
     if store is not None:
         store.begin_forward()
@@ -221,27 +226,31 @@ def run_layers(
             continue
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
-        step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, store, offload)
+        step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload)
         sharded_call = getattr(layer, SHARDED_CALL, None)
         x = sharded_call(_layer_step, *step) if sharded_call is not None else _layer_step(layer, *step)
     return x
 
 
-def _layer_step(layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, store, offload):
+def _layer_step(
+    layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload
+):
     """One layer under checkpointing or tiling: everything here that reads the layer's parameters."""
 
     def attention_half(t):
         return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
 
+    fused = fused_mlp_block(layer, x)
+    mlp_block = fused if fused is not None else layer.mlp_block
+    if fused is not None and fused.dense and auto_tile:
+        tile = fused_tile_tokens(layer.spec.hidden_size, layer.spec.intermediate_size)
     params = [p for p in layer.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     if not params and not x.requires_grad:
         # Nothing to differentiate here: no graph, so nothing to save either.
-        return tokenwise_forward(layer.mlp_block, attention_half(x), tile)
+        return tokenwise_forward(mlp_block, attention_half(x), tile)
     if mode and policy == "full":
-        return recompute(
-            attention_half, layer.mlp_block, x, params, tile_tokens=tile, store=store, offload=offload
-        )
+        return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload)
     if mode:
         h = attention_half(x)
-        return recompute(None, layer.mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)
-    return sequence_tiled(layer.mlp_block, attention_half(x), params, tile)
+        return recompute(None, mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)
+    return sequence_tiled(mlp_block, attention_half(x), params, tile)

@@ -8,7 +8,9 @@ lists the peak's):
     output and normed output are alive, and one logits chunk;
   * the first layer backward, at the down projection of one MLP tile: the layer's recomputed
     attention graph and output, d(layer output), and the tile's gate/up output, activation output and
-    d(activation output);
+    d(activation output) (through `velotune.memory.fused_mlp`, what a LoRA/QLoRA layer on CUDA runs,
+    d(activation output) takes the activation output's place and the tile's output is never
+    recomputed; its default tile is `fused_tile_tokens`);
   * the same layer backward, inside the attention kernel's backward: the recomputed attention graph,
     d(attention output), dq/dk/dv and the kernel's own buffers. With PyTorch's SDPA (cuDNN or
     FlashAttention-2, what plain causal attention runs on CUDA) those are a float32 dq accumulator
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from velotune.errors import ConfigError
 from velotune.memory.checkpoint import DEFAULT_TILE_TOKENS, POLICIES, checkpoint_mode
 from velotune.memory.offload import BLOCK_BYTES
-from velotune.memory.tiled import token_tiles
+from velotune.memory.tiled import fused_tile_tokens, token_tiles
 from velotune.models.spec import ArchSpec
 
 METHODS = ("lora", "qlora", "full")
@@ -337,8 +339,12 @@ def activation_inventory(
     checkpoint_policy: str = "full",
     mlp_tile_tokens: int | None = None,
     attention_backend: str = "triton",
+    fused_mlp: bool = False,
+    mlp_dense: bool = True,
 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(what the layers keep on the GPU from forward to backward, {high point: {tensor: bytes}}).
+
+    mlp_dense: the MLP weights are 16-bit (not 4-bit), which gives the fused MLP its smaller tile.
 
     Every [tokens, ...] tensor alive at each of the step's three high points, each inventory
     including the kept tensors (see the module docstring). Arguments as `estimate_memory`'s."""
@@ -346,7 +352,15 @@ def activation_inventory(
     s = token_sizes(spec, act_bytes, ranks, attention_backend)
     n, t_all = spec.num_layers, tokens
     hid = s["hidden"] * t_all
-    tile = mlp_tile_tokens if mlp_tile_tokens is not None else (DEFAULT_TILE_TOKENS if mode else 0)
+    fused_mlp = fused_mlp and (bool(mode) or bool(mlp_tile_tokens))  # the recompute path only
+    tile = mlp_tile_tokens
+    if tile is None:
+        auto = (
+            fused_tile_tokens(spec.hidden_size, spec.intermediate_size)
+            if fused_mlp and mlp_dense
+            else DEFAULT_TILE_TOKENS
+        )
+        tile = auto if mode else 0
     tiles = token_tiles(t_all, tile or None)
     tile_rows = tiles[0][1] - tiles[0][0]
     tiled = len(tiles) > 1
@@ -395,10 +409,17 @@ def activation_inventory(
         mlp["d(layer output)"] = hid
         if tiled:
             mlp["d(MLP-half input), filled tile by tile"] = hid
-        mlp["one MLP tile's graph"] = s["mlp_graph"] * tile_rows
-        mlp["one MLP tile's output and d(activation output), at its down projection's backward"] = (
-            s["hidden"] + s["d_activation_out"]
-        ) * tile_rows
+        if fused_mlp:
+            # d(activation output) is allocated after the activation output is freed; x A^T of down
+            # gives way to s dy B of down, of the same size.
+            mlp["one MLP tile's recomputed tensors and d(activation output) (fused MLP)"] = (
+                s["mlp_graph"] * tile_rows
+            )
+        else:
+            mlp["one MLP tile's graph"] = s["mlp_graph"] * tile_rows
+            mlp["one MLP tile's output and d(activation output), at its down projection's backward"] = (
+                s["hidden"] + s["d_activation_out"]
+            ) * tile_rows
 
     # The attention kernel's backward in the first layer backward (the MLP half is done; o_proj's
     # backward has run, freeing its x A^T).
@@ -469,6 +490,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     embedding_on_host: bool | None = None,
     attention_backend: str = "auto",
+    fused_mlp: bool | None = None,
 ) -> MemoryEstimate:
     """Peak GPU memory and pinned host memory of one training step (after the first: optimizer state exists).
 
@@ -486,6 +508,8 @@ def estimate_memory(
         attention_backend: "sdpa" (PyTorch's SDPA: plain causal batches on CUDA), "triton" (velotune's
             kernel: packed or padded batches, sliding windows, soft-capping) or "auto" (sdpa where
             velotune.kernels.attention would pick it for unpacked, unpadded batches).
+        fused_mlp: whether the MLP half runs through `velotune.memory.fused_mlp` (None: as on CUDA,
+            for LoRA/QLoRA on a dense gated MLP without sandwich norms, assuming no LoRA dropout).
     """
     spec = _spec_of(model)
     if method not in METHODS:
@@ -523,6 +547,8 @@ def estimate_memory(
     state_bytes = {"adamw": 2 * param_bytes, "adamw8bit": 2, "sgd": 0}[optimizer]
 
     backend = _attention_backend(spec, seq, attention_backend)
+    if fused_mlp is None:
+        fused_mlp = method != "full" and spec.moe is None and not spec.sandwich_norms
     kept, phases = activation_inventory(
         spec,
         tokens,
@@ -532,6 +558,8 @@ def estimate_memory(
         checkpoint_policy=checkpoint_policy,
         mlp_tile_tokens=mlp_tile_tokens,
         attention_backend=backend,
+        fused_mlp=fused_mlp,
+        mlp_dense=method != "qlora",
     )
     totals = {phase: sum(items.values()) for phase, items in phases.items()}
     peak_phase = max(totals, key=totals.get)

@@ -43,6 +43,11 @@ class Projection(nn.Module):
         del self.weight
         self.weight = weight
 
+    def lora_parts(self) -> tuple:
+        """(weight, bias, stacked A or None, Bs, layout, dropout): what `lora_project` computes this
+        projection from (`velotune.memory.fused_mlp` calls the op's pieces itself)."""
+        return self.weight, self.bias, None, (), self._plain_layout, 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if isinstance(weight, torch.Tensor):

@@ -1,0 +1,159 @@
+"""The MLP half of a dense decoder layer, x + down(act(gate_up(norm(x)))), run over token tiles with
+a hand-written backward: what a checkpointed layer recomputes and differentiates, tile by tile.
+
+Why not autograd per tile (`velotune.memory.tiled`'s generic path): each tile then rebuilt a graph
+of four autograd Functions through the modules, ran `torch.autograd.grad` over it, recomputed the
+down projection's output that no gradient needs, and copied and summed gradients: about 150
+dispatched ops per tile, ~4 ms of host time on the H100 machine (~25 us per op, see
+benchmarks/results/h100-2026-11-24-s4/train-1b/lora_host_cost-cuda.md), so 1,024-token tiles
+made the 8B step wait on the host (benchmarks/NOTES.md). Here a tile is the kernels alone:
+
+  recompute  rmsnorm, gate/up (base GEMM + LoRA), activation            (no down GEMM: not needed)
+  backward   down's LoRA grads, d(activation) = dy W_down (+ LoRA), activation backward in place,
+             gate/up's LoRA grads and d(normed) = dg W_gate_up (+ LoRA), rmsnorm backward + dy
+
+about 50 ops, and the forward about 20. Memory of one tile at its high point: the normed input,
+gate/up [t, 2I] and the activation [t, I], which is freed before d(activation) takes its place;
+the tile's output is never recomputed.
+
+The ops are the ones the modules run (the same `lora_project` pieces, the same Triton kernels, in
+the same order), so one tile gives bitwise the untiled autograd result; with several tiles the
+LoRA gradients are summed tile by tile. It applies where those ops are what the modules would run:
+the Triton path (CUDA), no autocast, no LoRA dropout in training, a dense gated MLP without
+sandwich norms, frozen base and norm weights (LoRA); elsewhere `fused_mlp_block` returns None and
+the generic path runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from velotune.kernels._dispatch import use_triton
+from velotune.kernels.activations import ACTIVATIONS, gated_activation_backward, gated_activation_forward
+from velotune.kernels.lora import _fused_forward, _rows, lora_factor_grads, lora_input_grad
+from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
+from velotune.memory.tiled import token_tiles
+
+
+def _frozen(t) -> bool:
+    return t is None or not getattr(t, "requires_grad", False)
+
+
+class FusedMLPBlock:
+    """One layer's MLP half, callable as `layer.mlp_block` and with tiled forward / backward."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        mlp = layer.mlp
+        self.norm, self.activation = layer.mlp_norm, mlp.activation
+        self.gate_up, self.down = mlp.gate_up.lora_parts(), mlp.down_proj.lora_parts()
+        # A quantized weight is dequantized inside each GEMM call, so each tile pays its dequantization
+        # again: the automatic tile stays large for those (velotune.memory.checkpoint).
+        self.dense = isinstance(self.gate_up[0], torch.Tensor) and isinstance(self.down[0], torch.Tensor)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.mlp_block(x)
+
+    def _gate_up_act(self, xt: torch.Tensor):
+        """(normed, rstd, gate/up output, its LoRA pieces, activation) of one tile."""
+        n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset)
+        w, b, a, bs, layout, _ = self.gate_up
+        gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
+        return n, rstd, gu, (a_c, xa, bs_c), gated_activation_forward(gu, self.activation)
+
+    def tiled_forward(self, x: torch.Tensor, tile_tokens: int | None) -> torch.Tensor:
+        """x + mlp(norm(x)) without a graph, one tile's intermediates at a time."""
+        rows = _rows(x)
+        out = torch.empty_like(rows)
+        w, b, a, bs, layout, _ = self.down
+        for start, end in token_tiles(rows.shape[0], tile_tokens):
+            xt = rows[start:end]
+            _, _, gu, _, act = self._gate_up_act(xt)
+            del gu
+            y = _fused_forward(act, None, w, b, a, layout, bs)[0]
+            torch.add(xt, y, out=out[start:end])
+        return out.view(x.shape)
+
+    def tiled_backward(
+        self,
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        tile_tokens: int | None,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """Gradients of <block(x), dy> for x and params (one gradient or None each), tile by tile."""
+        with torch.no_grad():  # the gradients are written by hand: no graph to record
+            return self._backward(x, dy, params, tile_tokens, need_dx)
+
+    def _backward(self, x, dy, params, tile_tokens, need_dx):
+        rows, d_rows = _rows(x), _rows(dy).contiguous()
+        index = {id(p): i for i, p in enumerate(params)}
+        grads: list[torch.Tensor | None] = [None] * len(params)
+
+        def wanted(parts):
+            # Which LoRA factors get a gradient, and in which dtype (the parameter's own).
+            _, _, a, bs, _, _ = parts
+            a_dtype = a.dtype if a is not None and id(a) in index else None
+            return a_dtype, [b.dtype if id(b) in index else None for b in bs]
+
+        def add(parts, da, dbs):
+            _, _, a, bs, _, _ = parts
+            for p, g in zip((a, *bs), (da, *dbs)):
+                if g is None:
+                    continue
+                i = index[id(p)]
+                grads[i] = g if grads[i] is None else grads[i].add_(g)
+
+        gu_dtypes, down_dtypes = wanted(self.gate_up), wanted(self.down)
+        w_gu, w_down = self.gate_up[0], self.down[0]
+        a_down, bs_down, layout_down = self.down[2], self.down[3], self.down[4]
+        tiles = token_tiles(rows.shape[0], tile_tokens)
+        dx = torch.empty_like(rows) if need_dx and len(tiles) > 1 else None
+        for start, end in tiles:
+            xt, dyt = rows[start:end], d_rows[start:end]
+            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt)
+            # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
+            a_c = bs_c = xa = None
+            if layout_down.blocks:
+                a_c = a_down if a_down.dtype == act.dtype else a_down.to(act.dtype)
+                bs_c = [b if b.dtype == act.dtype else b.to(act.dtype) for b in bs_down]
+                xa = torch.mm(act, a_c.t())
+            dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *down_dtypes)
+            add(self.down, da, dbs)
+            del act, xa  # d(activation) below takes the activation's memory
+            d_act = lora_input_grad(dyt, w_down, dyb, a_c)
+            dgu = gated_activation_backward(d_act, gu, self.activation, in_place=True)
+            del d_act, gu
+            dyb, da, dbs = lora_factor_grads(dgu, n, xa_gu, a_gu, bs_gu, self.gate_up[4], *gu_dtypes)
+            add(self.gate_up, da, dbs)
+            if not need_dx:
+                continue
+            dn = lora_input_grad(dgu, w_gu, dyb, a_gu)
+            del dgu, n
+            d_norm = rms_norm_backward(dn, xt, self.norm.weight, rstd, self.norm.offset, False)[0]
+            if dx is None:
+                dx = d_norm.add_(dyt)  # the residual's gradient; one tile: d_norm is ours alone
+            else:
+                torch.add(d_norm, dyt, out=dx[start:end])
+        return (dx.view(x.shape) if dx is not None else None), grads
+
+
+def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
+    """The fused MLP half of `layer` where it computes what `layer.mlp_block` would, else None."""
+    mlp = getattr(layer, "mlp", None)
+    spec = getattr(layer, "spec", None)
+    if spec is None or spec.sandwich_norms or getattr(mlp, "activation", None) not in ACTIVATIONS:
+        return None
+    gate_up, down = getattr(mlp, "gate_up", None), getattr(mlp, "down_proj", None)
+    if not hasattr(gate_up, "lora_parts") or not hasattr(down, "lora_parts"):
+        return None  # a routed MoE, or another MLP
+    norm = layer.mlp_norm
+    if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
+        return None
+    for w, b, _, _, _, dropout in (gate_up.lora_parts(), down.lora_parts()):
+        if dropout > 0 or not _frozen(w) or not _frozen(b):
+            return None
+    return FusedMLPBlock(layer)
