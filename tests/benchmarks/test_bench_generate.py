@@ -55,3 +55,15 @@ def test_the_markdown_compares_each_row_with_the_peers_at_the_same_precision_and
     assert "| velotune | bf16 | 1 | 8 | 120.0 | 1.00 | 12.0x | 4.0x |  | 60% |" in text
     assert "| velotune | bf16 | 8 | 8 | 800.0 | 1.00 |  |  |  | 50% |" in text
     assert "1 of 1 passed" in text
+
+
+def test_the_phi3_greedy_check_passes_on_cpu_against_uncached_transformers():
+    # The H100 run once failed this check: Transformers 5.17's cached generate disagrees with its own
+    # uncached forward under LongRoPE, so the reference runs without a cache. On CPU the check must
+    # pass too, and the record says whether the cached generate agreed (informational).
+    import torch
+
+    (record,) = bench_generate.run_checks(torch.device("cpu"), families=("phi3",), qlora=False)
+    assert record["check"] == "phi3 float32 greedy"
+    assert record["ok"], record
+    assert "transformers" in record["compared"] and "velotune_eager" in record["compared"]
