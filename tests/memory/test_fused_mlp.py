@@ -186,3 +186,37 @@ def test_the_automatic_fused_tile_holds_an_8b_2048_token_tile_of_work():
     assert fused_tile_tokens(2048, 8192) == 7168  # Llama-3.2-1B: a quarter of the work per token
     assert fused_tile_tokens(64, 128) == 8192
     assert fused_module.token_tiles(4096, fused_tile_tokens(4096, 14336)) == [(0, 2048), (2048, 4096)]
+
+
+@pytest.mark.parametrize("tile", [None, 5])
+def test_checkpointed_qlora_training_through_the_fused_mlp_gives_the_plain_loss_and_gradients(
+    folder, triton_everywhere, monkeypatch, tile
+):
+    # 4-bit base weights (NF4Weight) take the fused path too, dequantized inside each tile's GEMMs.
+    base, _ = velotune.FastLanguageModel.from_pretrained(
+        folder, dtype=torch.float32, device_map="cpu", load_in_4bit=True, progress=False
+    )
+    model = velotune.FastLanguageModel.get_peft_model(
+        base, r=4, lora_alpha=8, target_modules="all-linear", use_gradient_checkpointing=False
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.train()
+    ids, mask, labels = random_batch(2, 11, seed=4, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    calls = []
+    real = FusedMLPBlock.tiled_backward
+    monkeypatch.setattr(
+        FusedMLPBlock, "tiled_backward", lambda self, *a: calls.append(self.dense) or real(self, *a)
+    )
+    model.gradient_checkpointing, model.mlp_tile_tokens = "offload", tile
+    loss, grads = loss_and_grads(model, batch)
+    assert calls == [False] * len(model.layers)  # every layer's MLP ran fused, on 4-bit weights
+    assert grads.keys() == ref_grads.keys() and ref_grads
+    assert rel_err(loss, ref_loss) < 1e-6
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-6, name
