@@ -13,9 +13,9 @@ from velotune.memory.fused_mlp import FusedMLPBlock, fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
 
-def lora_model(folder, dropout=0.0):
+def lora_model(folder, dropout=0.0, load_in_4bit=False):
     base, _ = velotune.FastLanguageModel.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
-                                                         progress=False)  # fmt: skip
+                                                         load_in_4bit=load_in_4bit, progress=False)  # fmt: skip
     model = velotune.FastLanguageModel.get_peft_model(
         base,
         r=4,
@@ -193,18 +193,7 @@ def test_checkpointed_qlora_training_through_the_fused_mlp_gives_the_plain_loss_
     folder, triton_everywhere, monkeypatch, tile
 ):
     # 4-bit base weights (NF4Weight) take the fused path too, dequantized inside each tile's GEMMs.
-    base, _ = velotune.FastLanguageModel.from_pretrained(
-        folder, dtype=torch.float32, device_map="cpu", load_in_4bit=True, progress=False
-    )
-    model = velotune.FastLanguageModel.get_peft_model(
-        base, r=4, lora_alpha=8, target_modules="all-linear", use_gradient_checkpointing=False
-    )
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    model.train()
+    model = lora_model(folder, load_in_4bit=True)
     ids, mask, labels = random_batch(2, 11, seed=4, padding="right")
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     ref_loss, ref_grads = loss_and_grads(model, batch)
