@@ -170,17 +170,8 @@ class LoraProjection(MergeToggle, Projection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self._b_names:
             return super().forward(x)
-        lora_b = self.lora_B
-        return lora_project(
-            x,
-            self.weight,
-            self.bias,
-            self.lora_A,
-            [getattr(lora_b, n) for n in self._b_names],
-            self._layout,
-            dropout=self.lora_dropout,
-            training=self.training,
-        )
+        weight, bias, lora_a, lora_bs, layout, dropout = self.lora_parts()
+        return lora_project(x, weight, bias, lora_a, lora_bs, layout, dropout=dropout, training=self.training)
 
     def _delta(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].float() @ self.lora_a(name).float()) * self.scale[name]

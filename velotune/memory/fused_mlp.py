@@ -32,7 +32,7 @@ import torch
 
 from velotune.kernels._dispatch import use_triton
 from velotune.kernels.activations import ACTIVATIONS, gated_activation_backward, gated_activation_forward
-from velotune.kernels.lora import _fused_forward, _rows, lora_factor_grads, lora_input_grad
+from velotune.kernels.lora import _cast, _fused_forward, _is_dense, _rows, lora_factor_grads, lora_input_grad
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
 from velotune.memory.tiled import token_tiles
 
@@ -44,14 +44,14 @@ def _frozen(t) -> bool:
 class FusedMLPBlock:
     """One layer's MLP half, callable as `layer.mlp_block` and with tiled forward / backward."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, gate_up_parts: tuple, down_parts: tuple):
+        # The parts are the projections' `lora_parts()`, read once by `fused_mlp_block`.
         self.layer = layer
-        mlp = layer.mlp
-        self.norm, self.activation = layer.mlp_norm, mlp.activation
-        self.gate_up, self.down = mlp.gate_up.lora_parts(), mlp.down_proj.lora_parts()
+        self.norm, self.activation = layer.mlp_norm, layer.mlp.activation
+        self.gate_up, self.down = gate_up_parts, down_parts
         # A quantized weight is dequantized inside each GEMM call, so each tile pays its dequantization
         # again: the automatic tile stays large for those (velotune.memory.checkpoint).
-        self.dense = isinstance(self.gate_up[0], torch.Tensor) and isinstance(self.down[0], torch.Tensor)
+        self.dense = _is_dense(gate_up_parts[0]) and _is_dense(down_parts[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer.mlp_block(x)
@@ -118,8 +118,8 @@ class FusedMLPBlock:
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c = bs_c = xa = None
             if layout_down.blocks:
-                a_c = a_down if a_down.dtype == act.dtype else a_down.to(act.dtype)
-                bs_c = [b if b.dtype == act.dtype else b.to(act.dtype) for b in bs_down]
+                a_c = _cast(a_down, act.dtype)
+                bs_c = [_cast(b, act.dtype) for b in bs_down]
                 xa = torch.mm(act, a_c.t())
             dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *down_dtypes)
             add(self.down, da, dbs)
@@ -153,7 +153,8 @@ def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
     norm = layer.mlp_norm
     if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
         return None
-    for w, b, _, _, _, dropout in (gate_up.lora_parts(), down.lora_parts()):
+    parts = gate_up.lora_parts(), down.lora_parts()
+    for w, b, _, _, _, dropout in parts:
         if dropout > 0 or not _frozen(w) or not _frozen(b):
             return None
-    return FusedMLPBlock(layer)
+    return FusedMLPBlock(layer, *parts)
