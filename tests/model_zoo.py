@@ -127,3 +127,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def shard_count(folder: str) -> int:
     return sum(name.endswith(".safetensors") for name in os.listdir(folder))
+
+
+def velotune_lora_model(folder: str, dropout: float = 0.0, load_in_4bit: bool = False, seed: int = 1):
+    """A float32 CPU velotune model from `folder` with r=4 LoRA on every linear, in training mode, its
+    B factors random (B starts at zero, which would hide the B side of the math)."""
+    import velotune
+
+    base, _ = velotune.FastLanguageModel.from_pretrained(
+        folder, dtype=torch.float32, device_map="cpu", load_in_4bit=load_in_4bit, progress=False
+    )
+    model = velotune.FastLanguageModel.get_peft_model(
+        base,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        use_gradient_checkpointing=False,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.train()

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-import velotune
 import velotune.kernels.lora as lora_kernel
-from tests.model_zoo import random_batch, rel_err, save_hf_model
+from tests.model_zoo import random_batch, rel_err, save_hf_model, velotune_lora_model
 from velotune.errors import KernelError
 from velotune.kernels.lora import (
     LoraLayout,
@@ -289,23 +288,7 @@ def test_the_prepared_path_refuses_an_input_of_the_wrong_width_or_a_missing_b(mo
 def lora_llama(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("llama"))
     save_hf_model("llama", folder)
-    base, _ = velotune.FastLanguageModel.from_pretrained(
-        folder, dtype=torch.float32, device_map="cpu", progress=False
-    )
-    model = velotune.FastLanguageModel.get_peft_model(
-        base,
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.2,
-        target_modules="all-linear",
-        use_gradient_checkpointing=False,
-    )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:  # B starts at zero, which would hide the B side of the math
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.train()
+    return velotune_lora_model(folder, dropout=0.2)
 
 
 def checkpointed_loss_and_grads(model, mode, policy, batch, monkeypatch):

@@ -7,29 +7,14 @@ import pytest
 import torch
 
 import velotune
-from tests.model_zoo import random_batch, rel_err, save_hf_model
+from tests.model_zoo import random_batch, rel_err, save_hf_model, velotune_lora_model
 from velotune.memory import fused_mlp as fused_module
 from velotune.memory.fused_mlp import FusedMLPBlock, fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
 
 def lora_model(folder, dropout=0.0, load_in_4bit=False):
-    base, _ = velotune.FastLanguageModel.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
-                                                         load_in_4bit=load_in_4bit, progress=False)  # fmt: skip
-    model = velotune.FastLanguageModel.get_peft_model(
-        base,
-        r=4,
-        lora_alpha=8,
-        lora_dropout=dropout,
-        target_modules="all-linear",
-        use_gradient_checkpointing=False,
-    )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:  # B starts at zero, which would hide the B side of the math
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.train()
+    return velotune_lora_model(folder, dropout=dropout, load_in_4bit=load_in_4bit)
 
 
 @pytest.fixture(scope="module")
