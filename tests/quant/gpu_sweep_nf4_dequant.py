@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from velotune.quant import nf4  # noqa: E402
+from tests.quant.gpu_check_nf4 import _floor_bytes, _time_ms  # noqa: E402
 from velotune.quant.nf4 import (  # noqa: E402
     DequantLaunch,
     dequantize_nf4_reference,
@@ -70,21 +71,6 @@ def candidates() -> list[DequantLaunch]:
     return unique
 
 
-def _call_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def _stream_ms(fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -98,10 +84,6 @@ def _stream_ms(fn, reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / STREAM_CALLS)
     return sorted(times)[len(times) // 2]
-
-
-def _floor_bytes(q, out_bytes: int) -> int:
-    return q.data.numel() + q.absmax.numel() + q.nested_absmax.numel() * 4 + q.numel() * out_bytes
 
 
 def _exact(q, launch: DequantLaunch, dtype: torch.dtype, ref: torch.Tensor | None = None) -> bool:
@@ -157,7 +139,7 @@ def main() -> int:
             packed, state = bnb
             out2 = torch.empty_like(out)
             fn = lambda: bnbf.dequantize_4bit(packed, state, out=out2)  # noqa: E731
-            report["bnb"][name] = {"call_ms": _call_ms(fn, args.iters), "stream_ms": _stream_ms(fn, 5),
+            report["bnb"][name] = {"call_ms": _time_ms(fn, dev, args.iters), "stream_ms": _stream_ms(fn, 5),
                                    "floor_bytes": floor}  # fmt: skip
             del out2
 
@@ -173,7 +155,7 @@ def main() -> int:
         row["shapes"] = {}
         for name, (q, _, out) in weights.items():
             fn = lambda: dequantize_nf4_triton(q, out=out, launch=cand)  # noqa: E731, B023
-            call, stream = _call_ms(fn, args.iters), _stream_ms(fn, 5)
+            call, stream = _time_ms(fn, dev, args.iters), _stream_ms(fn, 5)
             entry = {"call_ms": call, "stream_ms": stream, "GBps_stream": _floor_bytes(q, 2) / stream / 1e6}
             if name in report["bnb"]:
                 entry["speedup_call"] = report["bnb"][name]["call_ms"] / call
