@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.qlora_70b import randomize_parameters_  # noqa: E402
 from benchmarks.shapes import model_config  # noqa: E402
 from velotune import FastLanguageModel  # noqa: E402
 from velotune.io.load import build_spec, empty_model  # noqa: E402
@@ -44,13 +45,7 @@ def build(cfg: dict, dtype: torch.dtype, device: torch.device, seed: int, random
     spec = build_spec(cfg, f"<random {MODEL}>")
     model = empty_model(spec, device, dtype, VelotuneModel)
     gen = torch.Generator(device=device).manual_seed(seed)
-    std = cfg.get("initializer_range", 0.02)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std, generator=gen)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
+    randomize_parameters_(model, cfg.get("initializer_range", 0.02), gen)
     model.requires_grad_(False)
     model.config_dict = cfg
     model.name_or_path = f"<random {MODEL}>"

@@ -33,18 +33,24 @@ from velotune.quant.nf4_weight import NF4Weight
 GIB = 2**30
 
 
+def randomize_parameters_(model: torch.nn.Module, std: float, gen: torch.Generator) -> None:
+    """Random weights as a fresh checkpoint would have them: matrices N(0, std), norm weights 1, biases 0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=gen)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+
+
 def build_random_qlora_model(name: str, seq: int, seed: int, device: torch.device) -> VelotuneModel:
     cfg = model_config(name)
     spec = build_spec(cfg, f"<random {name}>")
     model = empty_model(spec, device, torch.bfloat16, VelotuneModel, load_in_4bit=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     std = cfg.get("initializer_range", 0.02)
+    randomize_parameters_(model, std, gen)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std, generator=gen)
-            else:
-                p.fill_(1.0 if "norm" in pname else 0.0)
         for module in model.modules():
             if isinstance(module, Projection) and isinstance(module.weight, NF4Weight):
                 row0 = 0
