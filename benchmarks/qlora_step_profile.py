@@ -1,0 +1,265 @@
+"""Where an 8B QLoRA training step spends its time, and what the host link can carry (issue 5).
+
+    python benchmarks/qlora_step_profile.py --out DIR    (writes DIR/qlora_step_profile.json and .md)
+
+1. Host link: pinned-memory copies of 224 MiB (one Llama-8B gate/up output at 4,096 tokens), device
+   to host, host to device, both at once on two streams, and device to host while a bf16 GEMM runs on
+   the compute stream (the GEMM's own slowdown is reported too). Decides how many bytes per step can
+   wait in host memory instead of being recomputed.
+2. The Llama-3.1-8B shape built in 4 bits on the GPU (benchmarks/qlora_70b.py's builder), LoRA r=16
+   on the seven projections, AdamW fused, batch 2 x 2048. For each checkpointing configuration:
+   2 warm-up + 4 timed steps; forward, backward and optimizer times (synchronised), peak memory,
+   the planner's estimate.
+3. torch.profiler over one step of each configuration: GPU time per op family, time the GPU is idle
+   (wall time minus the union of kernel intervals), copy-engine time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.qlora_70b import build_random_qlora_model  # noqa: E402
+from benchmarks.shapes import model_config  # noqa: E402
+from velotune import FastLanguageModel  # noqa: E402
+from velotune.memory.planner import estimate_memory  # noqa: E402
+
+GIB = 2**30
+MODEL = "llama-3.1-8b"
+CATEGORIES = [
+    ("nf4 dequant", r"nf4|dequant"),
+    ("attention", r"attn|flash|fmha|attention"),
+    ("loss", r"cross_entropy|_ce_|softmax_ce|logsumexp"),
+    ("rmsnorm", r"rms_norm|rmsnorm"),
+    ("rope", r"rope|rotary"),
+    ("activation", r"gated|swiglu|geglu|silu|gelu"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("host copies", r"memcpy|memset"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90|splitk|ampere_bf16"),
+    ("copy/elementwise", r"copy|elementwise|vectorized|fill|cat|index|reduce|mul|add"),
+]
+CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy
+    ("offload, full (default)", "offload", "full"),
+    ("offload, save_attn", "offload", "save_attn"),
+    ("no recomputation", False, "full"),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def _event_ms(fn, reps: int = 5) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def host_link(device: torch.device) -> dict:
+    nbytes = 224 * 2**20
+    gpu_a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    gpu_b = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host_a = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host_b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def d2h():
+        host_a.copy_(gpu_a, non_blocking=True)
+
+    def h2d():
+        gpu_b.copy_(host_b, non_blocking=True)
+
+    def both():
+        cur = torch.cuda.current_stream(device)
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            host_a.copy_(gpu_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            gpu_b.copy_(host_b, non_blocking=True)
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    w = torch.randn(14336 * 2, 4096, device=device, dtype=torch.bfloat16)
+
+    def gemm():
+        torch.mm(a, w.t())
+
+    def gemm_with_d2h():
+        cur = torch.cuda.current_stream(device)
+        s1.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            host_a.copy_(gpu_a, non_blocking=True)
+        for _ in range(3):
+            torch.mm(a, w.t())
+        cur.wait_stream(s1)
+
+    out = {"bytes": nbytes}
+    for label, fn in (("d2h", d2h), ("h2d", h2d), ("both", both)):
+        ms = _event_ms(fn)
+        out[f"{label}_ms"] = ms
+        out[f"{label}_gb_s"] = nbytes * (2 if label == "both" else 1) / ms / 1e6
+    gemm_ms = _event_ms(gemm)
+    out["gemm_ms"] = gemm_ms
+    out["gemm_tflops"] = 2 * 4096 * 4096 * w.shape[0] / gemm_ms / 1e9
+    out["3_gemms_with_d2h_ms"] = _event_ms(gemm_with_d2h)
+    out["3_gemms_alone_ms"] = 3 * gemm_ms
+    print("host link: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k != "bytes"), flush=True)
+    return out
+
+
+def run_step(model, optimizer, ids) -> tuple[float, float, float, float]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    loss.backward()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, float(loss)
+
+
+def profile_step(model, optimizer, ids) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run_step(model, optimizer, ids)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    per_cat: dict[str, float] = collections.defaultdict(float)
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    compute, copies = [], []
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start, end = evt.time_range.start, evt.time_range.end
+        if end <= start:
+            continue
+        cat = categorize(evt.name)
+        per_cat[cat] += (end - start) / 1e3
+        per_kernel[evt.name] += (end - start) / 1e3
+        (copies if cat == "host copies" else compute).append((start, end))
+    busy = 0.0
+    last = None
+    for start, end in sorted(compute):
+        if last is None or start > last:
+            busy += end - start
+            last = end
+        elif end > last:
+            busy += end - last
+            last = end
+    span = (max(e for _, e in compute) - min(s for s, _ in compute)) / 1e3 if compute else 0.0
+    return {
+        "wall_ms": wall_ms,
+        "kernel_span_ms": span,
+        "gpu_busy_ms": busy / 1e3,
+        "gpu_idle_ms": span - busy / 1e3,
+        "categories_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("qlora_step_profile needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "model": MODEL,
+              "batch": args.batch, "seq": args.seq}  # fmt: skip
+    result["host_link"] = host_link(device)
+    torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    model = build_random_qlora_model(MODEL, args.seq, 0, device)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, random_state=0)
+    model.train()
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    result["weights_gib"] = weights / GIB
+    print(f"8B QLoRA built in {time.perf_counter() - t0:.0f} s, resident {weights / GIB:.2f} GiB", flush=True)
+    ids = torch.randint(3, model.spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    rows = []
+    for label, mode, policy in CONFIGS:
+        model.gradient_checkpointing, model.checkpoint_policy = mode, policy
+        for _ in range(args.warmup):
+            run_step(model, optimizer, ids)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        timed = [run_step(model, optimizer, ids) for _ in range(args.steps)]
+        peak = torch.cuda.max_memory_allocated()
+        fwd, bwd, opt = (statistics.median(t[i] for t in timed) for i in range(3))
+        step = statistics.median(sum(t[:3]) for t in timed)
+        plan = estimate_memory(model_config(MODEL), "qlora", batch=args.batch, seq=args.seq, lora_r=16,
+                               gradient_checkpointing=mode, checkpoint_policy=policy)  # fmt: skip
+        row = {"config": label, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3,
+               "optimizer_ms": opt * 1e3, "tokens_per_s": args.batch * args.seq / step, "peak_gib": peak / GIB,
+               "planner_gib": plan.total / GIB, "losses": [t[3] for t in timed]}  # fmt: skip
+        row["profile"] = profile_step(model, optimizer, ids)
+        rows.append(row)
+        prof = row["profile"]
+        print(f"{label:26s} step {row['step_ms']:6.1f} ms (fwd {row['forward_ms']:.1f}, bwd {row['backward_ms']:.1f},"
+              f" opt {row['optimizer_ms']:.1f})  {row['tokens_per_s']:7.0f} tok/s  peak {row['peak_gib']:.2f} GiB"
+              f" (planner {row['planner_gib']:.2f})  GPU busy {prof['gpu_busy_ms']:.1f} of {prof['kernel_span_ms']:.1f}"
+              " ms", flush=True)  # fmt: skip
+        for cat, ms in prof["categories_ms"].items():
+            print(f"    {cat:18s} {ms:8.2f} ms", flush=True)
+        torch.cuda.empty_cache()
+    result["rows"] = rows
+    (args.out / "qlora_step_profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# 8B QLoRA step profile ({result['device']}, torch {result['torch']}, {args.batch} x {args.seq})",
+             "", "Host link (224 MiB pinned copies): " + ", ".join(
+                 f"{k} {v:.2f}" for k, v in result["host_link"].items() if k != "bytes"), "",
+             "| config | tok/s | step ms | fwd | bwd | opt | peak GiB | planner | GPU busy ms | GPU idle ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        pr = r["profile"]
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | "
+                     f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['peak_gib']:.2f} | {r['planner_gib']:.2f} | "
+                     f"{pr['gpu_busy_ms']:.1f} | {pr['gpu_idle_ms']:.1f} |")  # fmt: skip
+    cats = sorted({c for r in rows for c in r["profile"]["categories_ms"]})
+    lines += ["", "GPU time per op family (ms, one profiled step):", "",
+              "| family | " + " | ".join(r["config"] for r in rows) + " |", "| --- |" + " --- |" * len(rows)]  # fmt: skip
+    for c in cats:
+        lines.append(f"| {c} | " + " | ".join(f"{r['profile']['categories_ms'].get(c, 0.0):.1f}" for r in rows) + " |")
+    (args.out / "qlora_step_profile.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
