@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import re
 import statistics
@@ -145,7 +146,7 @@ def run_step(model, optimizer, ids) -> tuple[float, float, float, float]:
     return t1 - t0, t2 - t1, t3 - t2, float(loss)
 
 
-def profile_step(model, optimizer, ids) -> dict:
+def profile_step(model, optimizer, ids, trace: Path | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -153,6 +154,13 @@ def profile_step(model, optimizer, ids) -> dict:
         t0 = time.perf_counter()
         run_step(model, optimizer, ids)
         wall_ms = (time.perf_counter() - t0) * 1e3
+    if trace is not None:
+        # Chrome trace (kernels, CPU ops and their launch links) for a gap-by-gap reading offline.
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            dst.write(src.read())
+        raw.unlink()
     per_cat: dict[str, float] = collections.defaultdict(float)
     per_kernel: dict[str, float] = collections.defaultdict(float)
     compute, copies = [], []
@@ -193,6 +201,8 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--trace", action="store_true", help="write a gzipped chrome trace of each profiled step")
+    p.add_argument("--configs", default=",".join(str(i) for i in range(len(CONFIGS))), help="indices into CONFIGS")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("qlora_step_profile needs a CUDA GPU")
@@ -215,7 +225,17 @@ def main() -> int:
     ids = torch.randint(3, model.spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     rows = []
-    for label, mode, policy in CONFIGS:
+    embed_ms = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.embed(ids)
+        torch.cuda.synchronize()
+        embed_ms.append((time.perf_counter() - t) * 1e3)
+    result["embedding_gather_ms"] = embed_ms
+    print(f"embedding gather on host: {[round(v, 2) for v in embed_ms]} ms", flush=True)
+    for index in (int(i) for i in args.configs.split(",")):
+        label, mode, policy = CONFIGS[index]
         model.gradient_checkpointing, model.checkpoint_policy = mode, policy
         for _ in range(args.warmup):
             run_step(model, optimizer, ids)
@@ -230,7 +250,8 @@ def main() -> int:
         row = {"config": label, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3,
                "optimizer_ms": opt * 1e3, "tokens_per_s": args.batch * args.seq / step, "peak_gib": peak / GIB,
                "planner_gib": plan.total / GIB, "losses": [t[3] for t in timed]}  # fmt: skip
-        row["profile"] = profile_step(model, optimizer, ids)
+        trace = args.out / f"trace-{index}.json.gz" if args.trace else None
+        row["profile"] = profile_step(model, optimizer, ids, trace)
         rows.append(row)
         prof = row["profile"]
         print(f"{label:26s} step {row['step_ms']:6.1f} ms (fwd {row['forward_ms']:.1f}, bwd {row['backward_ms']:.1f},"
