@@ -49,11 +49,46 @@ CATEGORIES = [
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90|splitk|ampere_bf16"),
     ("copy/elementwise", r"copy|elementwise|vectorized|fill|cat|index|reduce|mul|add"),
 ]
-CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy
-    ("offload, full (default)", "offload", "full"),
-    ("offload, save_attn", "offload", "save_attn"),
-    ("no recomputation", False, "full"),
+CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
+    ("offload, full", "offload", "full", None),
+    ("offload, save_attn", "offload", "save_attn", None),
+    ("no recomputation", False, "full", None),
+    ("offload, save_mlp, 0 gate/up kept", "offload", "save_mlp", 0),
+    ("offload, save_mlp, 11 kept", "offload", "save_mlp", 11),
+    ("offload, save_mlp, 16 kept", "offload", "save_mlp", 16),
+    ("offload, save_mlp, 21 kept", "offload", "save_mlp", 21),
+    ("offload, save_mlp, 26 kept", "offload", "save_mlp", 26),
+    ("offload, save_mlp, 32 kept", "offload", "save_mlp", 32),
 ]
+
+
+def grads_of(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def check_policies(model, ids) -> dict:
+    """Loss and LoRA gradients of every checkpointed configuration against "offload, full", on the
+    same weights (no optimizer step in between): the same numbers are expected bit for bit."""
+    out = {}
+    ref_loss, ref = None, None
+    for label, mode, policy, kept in CONFIGS:
+        if not mode:
+            continue
+        model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
+        loss, grads = grads_of(model, ids)
+        if ref is None:
+            ref_loss, ref = loss, grads
+            continue
+        worst = max(float((grads[n] - ref[n]).abs().max()) for n in ref)
+        out[label] = {"loss": loss, "loss_diff": loss - ref_loss, "max_abs_grad_diff": worst,
+                      "same_parameters": sorted(grads) == sorted(ref), "bitwise": worst == 0.0 and loss == ref_loss}  # fmt: skip
+        print(f"check {label}: loss {loss:.6f} (full {ref_loss:.6f}), max |grad diff| {worst:.3e}", flush=True)
+    return out
 
 
 def categorize(name: str) -> str:
@@ -234,9 +269,10 @@ def main() -> int:
         embed_ms.append((time.perf_counter() - t) * 1e3)
     result["embedding_gather_ms"] = embed_ms
     print(f"embedding gather on host: {[round(v, 2) for v in embed_ms]} ms", flush=True)
+    result["policy_check"] = check_policies(model, ids)
     for index in (int(i) for i in args.configs.split(",")):
-        label, mode, policy = CONFIGS[index]
-        model.gradient_checkpointing, model.checkpoint_policy = mode, policy
+        label, mode, policy, kept = CONFIGS[index]
+        model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
         for _ in range(args.warmup):
             run_step(model, optimizer, ids)
         torch.cuda.synchronize()
@@ -246,7 +282,7 @@ def main() -> int:
         fwd, bwd, opt = (statistics.median(t[i] for t in timed) for i in range(3))
         step = statistics.median(sum(t[:3]) for t in timed)
         plan = estimate_memory(model_config(MODEL), "qlora", batch=args.batch, seq=args.seq, lora_r=16,
-                               gradient_checkpointing=mode, checkpoint_policy=policy)  # fmt: skip
+                               gradient_checkpointing=mode, checkpoint_policy=policy, gate_up_kept_layers=kept)  # fmt: skip
         row = {"config": label, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3,
                "optimizer_ms": opt * 1e3, "tokens_per_s": args.batch * args.seq / step, "peak_gib": peak / GIB,
                "planner_gib": plan.total / GIB, "losses": [t[3] for t in timed]}  # fmt: skip

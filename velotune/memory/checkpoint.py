@@ -12,6 +12,13 @@
                q/k/v, the attention output and its log-sum-exp) on the GPU; only the MLP half is
                recomputed, from its input. Skips recomputing the attention (quadratic in length) for
                about 7x the per-layer GPU memory of "full" at Llama-8B shapes.
+  "save_mlp"   as "full", and each layer also keeps its MLP half's input, so its backward runs the
+               MLP half first and recomputes the attention half after (its graph is never alive
+               together with the MLP's tensors). `model.gate_up_kept_layers` of the layers (None:
+               `GATE_UP_KEPT_SHARE` of them) also keep the fused MLP's gate/up output, so their
+               backward skips the gate/up GEMMs, the largest part of the recomputation. Under
+               "offload" all of it waits in pinned host memory, copied behind the compute: the GPU
+               holds at most about one extra layer's worth (the layer below, prefetched).
 
 `model.mlp_tile_tokens`: the MLP half runs over tiles of this many tokens (`velotune.memory.tiled`).
 None (default): whenever tiling costs no extra compute (under checkpointing, or without a graph),
@@ -40,7 +47,13 @@ from velotune.memory.fused_mlp import fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
 MODES = (False, True, "offload")
-POLICIES = ("full", "save_attn")
+POLICIES = ("full", "save_attn", "save_mlp")
+# Share of the layers that keep their gate/up output under "save_mlp". Each such layer copies
+# 2 x intermediate values per token to host memory in its forward, on top of its input and MLP
+# input (2 x hidden); at Llama-8B shapes a layer's forward is ~4 ms for 4,096 tokens and the H100's
+# host link carries ~54 GB/s (benchmarks/results/h100-2026-11-24-s5/), so about two layers in three
+# can keep it without the copies falling behind the compute. Placeholder pending the s5 sweep.
+GATE_UP_KEPT_SHARE = 2 / 3
 DEFAULT_TILE_TOKENS = 8192
 
 
@@ -58,7 +71,13 @@ def checkpoint_mode(value) -> bool | str:
 
 
 class _Segment:
-    """tail(head(x)): what one checkpoint recomputes. `tail` must be per-token when tiled."""
+    """tail(head(x)): what one checkpoint recomputes. `tail` must be per-token when tiled.
+
+    keep_tail_input: also keep head(x) (the MLP half's input), so that the backward differentiates
+    the tail first from it and recomputes the head only afterwards: the head's graph is not alive
+    while the tail's tensors are. keep_gate_up: the tail (a `FusedMLPBlock`) also keeps each tile's
+    gate/up output, and its backward skips the gate/up GEMMs. Both go through the store (to host
+    memory under offload), in this layer's group."""
 
     def __init__(
         self,
@@ -68,44 +87,79 @@ class _Segment:
         tile_tokens: int | None,
         store: ActivationStore,
         offload: bool,
+        keep_tail_input: bool = False,
+        keep_gate_up: bool = False,
     ):
+        if (keep_tail_input or keep_gate_up) and head is None:
+            raise KernelError("a checkpoint without a head has no tail input to keep: its input is it.")
+        if keep_gate_up and not (keep_tail_input and hasattr(tail, "forward_keeping")):
+            raise KernelError("keeping the gate/up output needs the fused MLP as the tail and its input kept.")
         self.head, self.tail, self.params = head, tail, list(params)
         self.tile_tokens, self.store, self.offload = tile_tokens, store, offload
+        self.keep_tail_input, self.keep_gate_up = keep_tail_input, keep_gate_up
         self.saved: SavedTensor | None = None
-        self.cpu_rng: torch.Tensor | None = None
-        self.device_rng: torch.Tensor | None = None
+        self.saved_tail_input: SavedTensor | None = None
+        self.saved_gate_up: list[SavedTensor] = []
+        self.rng: tuple | None = None
+        self.tail_rng: tuple | None = None
         self.autocast: tuple[str, bool, torch.dtype] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Saved before the layer runs, so the copy to host overlaps this layer's compute.
         self.saved = self.store.save(x, self.offload)
-        self.cpu_rng = torch.get_rng_state()
-        if x.is_cuda:
-            self.device_rng = torch.cuda.get_rng_state(x.device)
+        self.rng = _rng_state(x.device)
         kind = x.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         h = self.head(x) if self.head is not None else x
+        if self.keep_tail_input:
+            self.tail_rng = _rng_state(x.device)  # the tail's backward runs first: it replays from here
+            self.saved_tail_input = self.store.save(h, self.offload, join=True)
+        if self.keep_gate_up:
+            out, self.saved_gate_up = self.tail.forward_keeping(
+                h, self.tile_tokens, lambda t: self.store.save(t, self.offload, join=True)
+            )
+            return out
         return tokenwise_forward(self.tail, h, self.tile_tokens)
 
+    def _replay(self, stack: ExitStack, device: torch.device, rng) -> None:
+        """Enters the forward's RNG state `rng`, autocast state and grad mode on `stack`."""
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        cpu_rng, device_rng = rng
+        torch.set_rng_state(cpu_rng)
+        if device_rng is not None:
+            torch.cuda.set_rng_state(device_rng, device)
+        kind, enabled, dtype = self.autocast
+        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+        stack.enter_context(torch.enable_grad())
+
+    def _tail_backward_first(self, dy: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(d head(x), parameter gradients) of the tail, from its kept input (and gate/up output)."""
+        h = self.store.load(self.saved_tail_input)
+        self.saved_tail_input = None
+        if self.keep_gate_up:
+            kept = [self.store.load(s) for s in self.saved_gate_up]
+            self.saved_gate_up = []
+            return self.tail.tiled_backward(h, dy, self.params, self.tile_tokens, True, kept_gate_up=kept)
+        with ExitStack() as replay:
+            self._replay(replay, h.device, self.tail_rng)
+            return tokenwise_backward(self.tail, h, dy, self.params, self.tile_tokens, True)
+
     def backward(self, dy: torch.Tensor, need_dx: bool) -> tuple[torch.Tensor | None, list]:
+        tail_first = self.saved_tail_input is not None
+        if tail_first:
+            dh, grads = self._tail_backward_first(dy)
         x = self.store.load(self.saved)
         self.saved = None
         with ExitStack() as replay:
-            devices = [x.device] if x.is_cuda else []
-            replay.enter_context(torch.random.fork_rng(devices=devices))
-            torch.set_rng_state(self.cpu_rng)
-            if x.is_cuda:
-                torch.cuda.set_rng_state(self.device_rng, x.device)
-            kind, enabled, dtype = self.autocast
-            replay.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-            replay.enter_context(torch.enable_grad())
+            self._replay(replay, x.device, self.rng)
             if self.head is None:
                 return tokenwise_backward(self.tail, x, dy, self.params, self.tile_tokens, need_dx)
             x_leaf = x.detach().requires_grad_(need_dx)
             h = self.head(x_leaf)
-            dh, grads = tokenwise_backward(
-                self.tail, h.detach(), dy, self.params, self.tile_tokens, h.requires_grad
-            )
+            if not tail_first:
+                dh, grads = tokenwise_backward(
+                    self.tail, h.detach(), dy, self.params, self.tile_tokens, h.requires_grad
+                )
             if not h.requires_grad:
                 return None, grads
             wrt = ([x_leaf] if need_dx else []) + self.params
@@ -115,6 +169,11 @@ class _Segment:
             if g is not None:
                 grads[i] = g if grads[i] is None else grads[i].add_(g)
         return dx, grads
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(CPU RNG state, the device's RNG state or None): what a recomputation replays."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 class _Recompute(torch.autograd.Function):
@@ -149,6 +208,8 @@ def recompute(
     tile_tokens: int | None = None,
     store: ActivationStore | None = None,
     offload: bool = False,
+    keep_tail_input: bool = False,
+    keep_gate_up: bool = False,
 ) -> torch.Tensor:
     """tail(head(x)), keeping only x for the backward (on the device, or offloaded through `store`).
 
@@ -159,9 +220,12 @@ def recompute(
         tile_tokens: tile size for the tail (None: untiled).
         store: where x waits (None: a throwaway store keeping it on its device).
         offload: copy x to pinned host memory (CUDA tensors only).
+        keep_tail_input, keep_gate_up: also keep head(x), and the fused MLP tail's gate/up output
+            (see `_Segment`).
     """
     store = store if store is not None else ActivationStore()
-    return _Recompute.apply(_Segment(head, tail, params, tile_tokens, store, offload), x, *params)
+    segment = _Segment(head, tail, params, tile_tokens, store, offload, keep_tail_input, keep_gate_up)
+    return _Recompute.apply(segment, x, *params)
 
 
 def sequence_tiled(
@@ -174,6 +238,23 @@ def sequence_tiled(
     if len(token_tiles(x.numel() // x.shape[-1], tile_tokens)) == 1 or not torch.is_grad_enabled():
         return tokenwise_forward(fn, x, tile_tokens)
     return recompute(None, fn, x, params, tile_tokens=tile_tokens)
+
+
+def gate_up_keeping_layers(model: nn.Module) -> frozenset[int]:
+    """The layers that keep their MLP's gate/up output under "save_mlp": `model.gate_up_kept_layers`
+    of them (None: `default_gate_up_kept_layers`), spread evenly from the top layer down."""
+    n = len(model.layers)
+    count = getattr(model, "gate_up_kept_layers", None)
+    if count is None:
+        count = default_gate_up_kept_layers(n)
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= n:
+        raise ConfigError(f"gate_up_kept_layers={count!r}: use None (automatic) or a count from 0 to {n}.")
+    return frozenset(n - 1 - (j * n) // count for j in range(count))
+
+
+def default_gate_up_kept_layers(num_layers: int) -> int:
+    """How many layers keep their gate/up output by default: GATE_UP_KEPT_SHARE of them."""
+    return round(GATE_UP_KEPT_SHARE * num_layers)
 
 
 def _tile_tokens(model: nn.Module, free: bool) -> int | None:
@@ -220,20 +301,22 @@ def run_layers(
     if store is not None:
         store.begin_forward()
     last = len(model.layers) - 1
+    keeping = gate_up_keeping_layers(model) if mode and policy == "save_mlp" else frozenset()
     for i, layer in enumerate(model.layers):
         if not mode and not tile:
             x = layer(x, cos, sin, key_padding_mask, cu_seqlens)
             continue
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
-        step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload)
+        step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload,
+                i in keeping)  # fmt: skip
         sharded_call = getattr(layer, SHARDED_CALL, None)
         x = sharded_call(_layer_step, *step) if sharded_call is not None else _layer_step(layer, *step)
     return x
 
 
 def _layer_step(
-    layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload
+    layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload, keep_gate_up
 ):
     """One layer under checkpointing or tiling: everything here that reads the layer's parameters."""
 
@@ -250,6 +333,9 @@ def _layer_step(
         return tokenwise_forward(mlp_block, attention_half(x), tile)
     if mode and policy == "full":
         return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload)
+    if mode and policy == "save_mlp":
+        return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
+                         keep_tail_input=True, keep_gate_up=keep_gate_up and fused is not None)  # fmt: skip
     if mode:
         h = attention_half(x)
         return recompute(None, mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
 from velotune.kernels.activations import ACTIVATIONS, gated_activation_backward, gated_activation_forward
 from velotune.kernels.lora import _cast, _fused_forward, _is_dense, _rows, lora_factor_grads, lora_input_grad
@@ -56,25 +57,42 @@ class FusedMLPBlock:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer.mlp_block(x)
 
-    def _gate_up_act(self, xt: torch.Tensor):
-        """(normed, rstd, gate/up output, its LoRA pieces, activation) of one tile."""
+    def _gate_up_act(self, xt: torch.Tensor, gu: torch.Tensor | None = None):
+        """(normed, rstd, gate/up output, its LoRA pieces, activation) of one tile; with `gu` (the
+        tile's gate/up output kept from the forward) the gate/up GEMMs are skipped."""
         n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset)
         w, b, a, bs, layout, _ = self.gate_up
-        gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
+        if gu is None:
+            gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
+        else:  # the LoRA pieces as _fused_forward makes them (same casts, same x A^T)
+            a_c = xa = None
+            bs_c = ()
+            if layout.blocks:
+                a_c = _cast(a, n.dtype)
+                bs_c = [_cast(b_j, n.dtype) for b_j in bs]
+                xa = torch.mm(n, a_c.t())
         return n, rstd, gu, (a_c, xa, bs_c), gated_activation_forward(gu, self.activation)
 
     def tiled_forward(self, x: torch.Tensor, tile_tokens: int | None) -> torch.Tensor:
         """x + mlp(norm(x)) without a graph, one tile's intermediates at a time."""
+        return self.forward_keeping(x, tile_tokens, None)[0]
+
+    def forward_keeping(self, x: torch.Tensor, tile_tokens: int | None, keep) -> tuple[torch.Tensor, list]:
+        """`tiled_forward`, also handing each tile's gate/up output to keep(tensor) (None: not kept);
+        returns (output, what keep returned per tile) for `tiled_backward`'s kept_gate_up."""
         rows = _rows(x)
         out = torch.empty_like(rows)
+        kept = []
         w, b, a, bs, layout, _ = self.down
         for start, end in token_tiles(rows.shape[0], tile_tokens):
             xt = rows[start:end]
             _, _, gu, _, act = self._gate_up_act(xt)
+            if keep is not None:
+                kept.append(keep(gu))
             del gu
             y = _fused_forward(act, None, w, b, a, layout, bs)[0]
             torch.add(xt, y, out=out[start:end])
-        return out.view(x.shape)
+        return out.view(x.shape), kept
 
     def tiled_backward(
         self,
@@ -83,12 +101,16 @@ class FusedMLPBlock:
         params: Sequence[torch.Tensor],
         tile_tokens: int | None,
         need_dx: bool,
+        kept_gate_up: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """Gradients of <block(x), dy> for x and params (one gradient or None each), tile by tile."""
-        with torch.no_grad():  # the gradients are written by hand: no graph to record
-            return self._backward(x, dy, params, tile_tokens, need_dx)
+        """Gradients of <block(x), dy> for x and params (one gradient or None each), tile by tile.
 
-    def _backward(self, x, dy, params, tile_tokens, need_dx):
+        kept_gate_up: each tile's gate/up output as the forward computed it (`forward_keeping`), in
+        place of recomputing it; a list whose entries are released (set to None) as they are used."""
+        with torch.no_grad():  # the gradients are written by hand: no graph to record
+            return self._backward(x, dy, params, tile_tokens, need_dx, kept_gate_up)
+
+    def _backward(self, x, dy, params, tile_tokens, need_dx, kept_gate_up):
         rows, d_rows = _rows(x), _rows(dy).contiguous()
         index = {id(p): i for i, p in enumerate(params)}
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -111,10 +133,20 @@ class FusedMLPBlock:
         w_gu, w_down = self.gate_up[0], self.down[0]
         a_down, bs_down, layout_down = self.down[2], self.down[3], self.down[4]
         tiles = token_tiles(rows.shape[0], tile_tokens)
+        if kept_gate_up is not None and len(kept_gate_up) != len(tiles):
+            raise KernelError(
+                f"the fused MLP kept {len(kept_gate_up)} gate/up tiles but its backward runs {len(tiles)}: "
+                "the tile size changed between the forward and the backward."
+            )
+        # The caller's list itself: each entry is released as its tile is used, so a used tile's memory
+        # goes back to the allocator before the next tile runs.
+        kept = kept_gate_up if kept_gate_up is not None else [None] * len(tiles)
         dx = torch.empty_like(rows) if need_dx and len(tiles) > 1 else None
-        for start, end in tiles:
+        for k, (start, end) in enumerate(tiles):
             xt, dyt = rows[start:end], d_rows[start:end]
-            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt)
+            gu_kept, kept[k] = kept[k], None  # dropped from the list as each tile is used
+            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt, gu_kept)
+            del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c = bs_c = xa = None
             if layout_down.blocks:

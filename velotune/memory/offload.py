@@ -2,10 +2,12 @@
 
 With offload, `ActivationStore.save` copies the tensor to pinned host memory on a side CUDA stream
 while the compute stream runs on (the layer's own forward is queued right behind the copy), and
-`load` brings it back. Loads come in the reverse order of saves (the backward walks the layers
-backwards), so each load also starts copying the previous save back on a second side stream: that
+`load` brings it back. Saves come in groups, one per checkpointed layer (its input, and whatever
+else the layer keeps: `save(..., join=True)` adds to the latest group). The backward walks the
+layers backwards, so the first load of a group copies back every member of that group not yet on
+its way, and each load also starts copying the previous group back on a second side stream: that
 copy runs while the current layer recomputes and differentiates, and is normally done before it is
-needed. Pinned memory comes in fixed-size blocks that go back to a pool when their tensor is loaded
+needed. Within a group, members may be loaded in any order. Pinned memory comes in fixed-size blocks that go back to a pool when their tensor is loaded
 and are reused by later saves (the next step's forward), so a training run allocates it once.
 
 Ordering, all through CUDA events (the host never waits):
@@ -48,13 +50,27 @@ def _block_size(nbytes: int) -> int:
     return BLOCK_BYTES if nbytes >= BLOCK_BYTES else 1 << max(nbytes - 1, 0).bit_length()
 
 
+class _Group:
+    """The tensors one layer saved, and the group saved before it (loaded after it)."""
+
+    __slots__ = ("members", "prev", "__weakref__")
+
+    def __init__(self, prev: _Group | None):
+        # Weak: a member lives as long as the graph that holds it; the group must not keep it alive.
+        self.members: list[weakref.ref] = []
+        self.prev = prev
+
+    def live(self) -> list[SavedTensor]:
+        return [m for m in (ref() for ref in self.members) if m is not None]
+
+
 class SavedTensor:
     """One saved tensor: resident (`tensor`) or offloaded (`blocks` + the events of its copies)."""
 
-    __slots__ = ("tensor", "blocks", "shape", "dtype", "device", "copied", "fetched", "fetch_done", "prev", "used",
+    __slots__ = ("tensor", "blocks", "shape", "dtype", "device", "copied", "fetched", "fetch_done", "group", "used",
                  "__weakref__")  # fmt: skip
 
-    def __init__(self, prev: SavedTensor | None):
+    def __init__(self, group: _Group):
         self.tensor: torch.Tensor | None = None
         self.blocks: list[_PinnedBlock] | None = None
         self.shape: torch.Size | None = None
@@ -63,7 +79,7 @@ class SavedTensor:
         self.copied: torch.cuda.Event | None = None
         self.fetched: torch.Tensor | None = None
         self.fetch_done: torch.cuda.Event | None = None
-        self.prev = prev  # saved just before this one in the forward, loaded just after it
+        self.group: _Group | None = group
         self.used = False
 
     @property
@@ -81,13 +97,16 @@ class ActivationStore:
         self.pinned_bytes = 0  # total pinned memory this store holds or has handed out
 
     def begin_forward(self) -> None:
-        """A new forward starts: its first save has no predecessor to prefetch."""
+        """A new forward starts: its first group has no predecessor to prefetch."""
         self._last = None
 
-    def save(self, x: torch.Tensor, offload: bool) -> SavedTensor:
-        prev = self._last() if self._last is not None else None
-        saved = SavedTensor(prev)
-        self._last = weakref.ref(saved)
+    def save(self, x: torch.Tensor, offload: bool, *, join: bool = False) -> SavedTensor:
+        """Keeps x for the backward: a new group (a layer's first save), or the latest one (join)."""
+        last = self._last() if self._last is not None else None
+        group = last if join and last is not None else _Group(last)
+        self._last = weakref.ref(group)
+        saved = SavedTensor(group)
+        group.members.append(weakref.ref(saved))
         x = x.detach()
         if not (offload and x.is_cuda and x.numel()):
             saved.tensor = x
@@ -111,16 +130,19 @@ class ActivationStore:
         return saved
 
     def load(self, saved: SavedTensor) -> torch.Tensor:
-        """The saved tensor on its device (once), and the previous save starts coming back."""
+        """The saved tensor on its device (once); the rest of its group and the previous group start
+        coming back."""
         if saved.used:
             raise KernelError(
                 "a checkpointed layer's backward ran twice (retain_graph=True); its saved input is freed "
                 "by the first backward. Recompute the forward, or turn gradient checkpointing off."
             )
         saved.used = True
+        group, saved.group = saved.group, None
+        if saved.offloaded and saved.fetched is None:
+            self._fetch(saved)
+        self._fetch_group(group)  # the rest of this layer's tensors come right behind
         if saved.offloaded:
-            if saved.fetched is None:
-                self._fetch(saved)
             torch.cuda.current_stream(saved.device).wait_event(saved.fetch_done)
             x = saved.fetched
             for block in saved.blocks:
@@ -129,16 +151,19 @@ class ActivationStore:
             saved.blocks = saved.fetched = None
         else:
             x, saved.tensor = saved.tensor, None
-        prev = saved.prev
-        saved.prev = None
-        if prev is not None and prev.offloaded and prev.fetched is None and not prev.used:
-            self._fetch(prev)
+        if group.prev is not None:
+            self._fetch_group(group.prev)
         return x
 
     def release(self) -> None:
         """Drops the pooled pinned blocks (the ones handed out are freed with their graph)."""
         self.pinned_bytes -= sum(b.nbytes for blocks in self._pool.values() for b in blocks)
         self._pool.clear()
+
+    def _fetch_group(self, group: _Group) -> None:
+        for member in group.live():
+            if member.offloaded and member.fetched is None and not member.used:
+                self._fetch(member)
 
     def _fetch(self, saved: SavedTensor) -> None:
         _, h2d = self._side_streams(saved.device)

@@ -50,7 +50,12 @@ import sys
 from dataclasses import dataclass, field
 
 from velotune.errors import ConfigError
-from velotune.memory.checkpoint import DEFAULT_TILE_TOKENS, POLICIES, checkpoint_mode
+from velotune.memory.checkpoint import (
+    DEFAULT_TILE_TOKENS,
+    POLICIES,
+    checkpoint_mode,
+    default_gate_up_kept_layers,
+)
 from velotune.memory.offload import BLOCK_BYTES
 from velotune.memory.tiled import fused_tile_tokens, token_tiles
 from velotune.models.spec import ArchSpec
@@ -341,10 +346,13 @@ def activation_inventory(
     attention_backend: str = "triton",
     fused_mlp: bool = False,
     mlp_dense: bool = True,
+    gate_up_kept_layers: int | None = None,
 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(what the layers keep on the GPU from forward to backward, {high point: {tensor: bytes}}).
 
     mlp_dense: the MLP weights are 16-bit (not 4-bit), which gives the fused MLP its smaller tile.
+    gate_up_kept_layers: under "save_mlp", how many layers keep their gate/up output (None: the
+    default share); only the fused MLP keeps it.
 
     Every [tokens, ...] tensor alive at each of the step's three high points, each inventory
     including the kept tensors (see the module docstring). Arguments as `estimate_memory`'s."""
@@ -364,6 +372,9 @@ def activation_inventory(
     tiles = token_tiles(t_all, tile or None)
     tile_rows = tiles[0][1] - tiles[0][0]
     tiled = len(tiles) > 1
+    kept_gate_up = 0
+    if mode and checkpoint_policy == "save_mlp" and fused_mlp:
+        kept_gate_up = default_gate_up_kept_layers(n) if gate_up_kept_layers is None else gate_up_kept_layers
     # Offload keeps the last layer's checkpoint on the GPU (it is needed first), the others on the host.
     on_gpu = 1 if mode == "offload" else n
     prefetched = hid if mode == "offload" and n > 1 else 0  # the next input down, copied back early
@@ -378,6 +389,21 @@ def activation_inventory(
             kept["MLP graphs"] = n * s["mlp_graph"] * t_all
     elif checkpoint_policy == "full":
         kept = {"checkpointed layer inputs on the GPU": on_gpu * hid}
+    elif checkpoint_policy == "save_mlp":
+        kept = {"checkpointed layer inputs on the GPU": on_gpu * hid,
+                "checkpointed MLP-half inputs on the GPU": on_gpu * hid}  # fmt: skip
+        # The top layer keeps first (velotune.memory.checkpoint.gate_up_keeping_layers); under offload
+        # it is the one whose tensors stay on the GPU.
+        gu_on_gpu = kept_gate_up if mode is True else min(kept_gate_up, 1)
+        if gu_on_gpu > 1:
+            # The top layer's is counted in its own backward as its MLP tile's (loaded) tensors, and in
+            # the loss below; the others wait on the GPU through every layer backward above theirs.
+            kept["kept gate/up outputs on the GPU, below the layer in its backward"] = (
+                (gu_on_gpu - 1) * s["gate_up"] * t_all
+            )
+        if mode == "offload" and n > 1:
+            # Worst case: the layer below keeps its gate/up output too, and comes back whole.
+            prefetched = 2 * hid + (s["gate_up"] * t_all if kept_gate_up > 1 else 0)
     else:  # save_attn: the attention half keeps its graph; the MLP half's input is checkpointed
         kept = {"layer inputs (kept by the attention norm)": n * hid,
                 "attention graphs": n * s["attention_graph"] * t_all,
@@ -385,6 +411,8 @@ def activation_inventory(
 
     chunk_rows = min(t_all, max(1, LOSS_CHUNK_BYTES // (spec.vocab_size * act_bytes)))
     loss = dict(kept)
+    if mode and checkpoint_policy == "save_mlp" and kept_gate_up:
+        loss["the top layer's kept gate/up output"] = s["gate_up"] * t_all
     loss.update({
         "last layer output (kept by the final norm)": hid + s["norm_stat"] * t_all,
         "final norm output": hid,
@@ -404,6 +432,12 @@ def activation_inventory(
             mlp["input of the layer below, prefetched"] = prefetched
             mlp["recomputed attention graph"] = s["attention_graph"] * t_all
             mlp["attention-half output"] = hid
+        elif mode and checkpoint_policy == "save_mlp":
+            # The MLP half runs first from its kept input: no attention graph yet.
+            mlp["tensors of the layer below, prefetched"] = prefetched
+            mlp["MLP-half input, loaded"] = hid
+            if kept_gate_up and fused_mlp and tiled:
+                mlp["the layer's other kept gate/up tiles, loaded"] = s["gate_up"] * (t_all - tile_rows)
         elif mode:
             mlp["MLP-half input of the layer below, prefetched"] = prefetched
         mlp["d(layer output)"] = hid
@@ -424,8 +458,9 @@ def activation_inventory(
     # The attention kernel's backward in the first layer backward (the MLP half is done; o_proj's
     # backward has run, freeing its x A^T).
     attn = dict(kept)
-    if mode and checkpoint_policy == "full":
-        attn["input of the layer below, prefetched"] = prefetched
+    if mode and checkpoint_policy in ("full", "save_mlp"):
+        label = "input of the layer below" if checkpoint_policy == "full" else "tensors of the layer below"
+        attn[f"{label}, prefetched"] = prefetched
         attn["d(layer output)"] = hid  # held by the checkpoint's backward until the layer is done
         attn["recomputed attention graph"] = (s["attention_graph"] - s["lora_o"]) * t_all
         attn["attention-half output"] = hid  # held by the checkpoint's backward too
@@ -491,6 +526,7 @@ def estimate_memory(
     embedding_on_host: bool | None = None,
     attention_backend: str = "auto",
     fused_mlp: bool | None = None,
+    gate_up_kept_layers: int | None = None,
 ) -> MemoryEstimate:
     """Peak GPU memory and pinned host memory of one training step (after the first: optimizer state exists).
 
@@ -499,7 +535,7 @@ def estimate_memory(
         method: "lora", "qlora" (NF4 base, LoRA) or "full".
         batch, seq: tokens per step are batch * seq.
         lora_r, target_modules: LoRA rank and the projections that carry it (PEFT names; None: all).
-        gradient_checkpointing, checkpoint_policy, mlp_tile_tokens: as on the model
+        gradient_checkpointing, checkpoint_policy, mlp_tile_tokens, gate_up_kept_layers: as on the model
             (`velotune.memory.checkpoint`).
         dtype: activations and 16-bit weights; lora_dtype: LoRA weights (float32 as PEFT keeps them).
         optimizer: "adamw" (two states per trainable parameter in its dtype), "adamw8bit" or "sgd".
@@ -560,6 +596,7 @@ def estimate_memory(
         attention_backend=backend,
         fused_mlp=fused_mlp,
         mlp_dense=method != "qlora",
+        gate_up_kept_layers=gate_up_kept_layers,
     )
     totals = {phase: sum(items.values()) for phase, items in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -575,6 +612,17 @@ def estimate_memory(
     host = 0
     if mode == "offload":  # the checkpoint of every layer but the last
         host += (n_layers - 1) * _offload_block_bytes(tokens * spec.hidden_size * act)
+        if checkpoint_policy == "save_mlp":  # the MLP-half inputs, and the kept gate/up tiles
+            host += (n_layers - 1) * _offload_block_bytes(tokens * spec.hidden_size * act)
+            kept = 0
+            if fused_mlp:
+                kept = default_gate_up_kept_layers(n_layers) if gate_up_kept_layers is None else gate_up_kept_layers
+            tile = mlp_tile_tokens
+            if tile is None:
+                tile = fused_tile_tokens(spec.hidden_size, spec.intermediate_size) if method != "qlora" else DEFAULT_TILE_TOKENS
+            gate_up_row = 2 * spec.intermediate_size * act
+            tile_bytes = sum(_offload_block_bytes((b - a) * gate_up_row) for a, b in token_tiles(tokens, tile or None))
+            host += max(kept - 1, 0) * tile_bytes  # the top layer's stay on the GPU
     if table_on_host:
         # The pinned table, and the pinned rows gathered from it for each batch (DecoderModel.embed).
         host += _pinned_bytes(table * act) + _pinned_bytes(tokens * spec.hidden_size * act)

@@ -41,10 +41,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        # False | True (inputs kept on the GPU) | "offload" (pinned CPU memory); policy "full" | "save_attn";
+        # False | True (inputs kept on the GPU) | "offload" (pinned CPU memory); policy "full" | "save_attn" | "save_mlp";
         # MLP sequence tile (None: automatic). See velotune.memory.checkpoint.
         self.gradient_checkpointing: bool | str = False
         self.checkpoint_policy = "full"
+        self.gate_up_kept_layers: int | None = None  # under "save_mlp" (None: automatic)
         self.mlp_tile_tokens: int | None = None
         self.max_seq_length: int | None = None
         # "auto": the frozen, untied input embedding waits in host memory while training on a GPU and
