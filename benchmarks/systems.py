@@ -201,9 +201,21 @@ def load_velotune_no_recompute(spec: dict[str, Any]) -> tuple[torch.nn.Module, d
     return load_velotune(spec, checkpointing=False)
 
 
+def load_velotune_save_mlp(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """velotune with offloaded checkpoints under checkpoint_policy="save_mlp": each layer's MLP input,
+    and half the layers' gate/up outputs, wait in pinned host memory instead of being recomputed."""
+    if spec["method"] == "full":
+        raise NotApplicable("full fine-tuning: the velotune system already chooses its checkpointing")
+    model, notes = load_velotune(spec)
+    model.checkpoint_policy = "save_mlp"
+    notes["checkpoint_policy"] = "save_mlp"
+    return model, notes
+
+
 LOADERS: dict[str, Callable[[dict[str, Any]], tuple[torch.nn.Module, dict[str, Any]]]] = {
     "velotune": load_velotune,
     "velotune_no_recompute": load_velotune_no_recompute,
+    "velotune_save_mlp": load_velotune_save_mlp,
     "hf_peft": load_hf_peft,
     "hf_peft_bnb": load_hf_peft_bnb,
     "liger": load_liger,

@@ -50,10 +50,12 @@ MODES = (False, True, "offload")
 POLICIES = ("full", "save_attn", "save_mlp")
 # Share of the layers that keep their gate/up output under "save_mlp". Each such layer copies
 # 2 x intermediate values per token to host memory in its forward, on top of its input and MLP
-# input (2 x hidden); at Llama-8B shapes a layer's forward is ~4 ms for 4,096 tokens and the H100's
-# host link carries ~54 GB/s (benchmarks/results/h100-2026-11-24-s5/), so about two layers in three
-# can keep it without the copies falling behind the compute. Placeholder pending the s5 sweep.
-GATE_UP_KEPT_SHARE = 2 / 3
+# input (2 x hidden): 288 MiB per layer at Llama-8B and 4,096 tokens, ~5.3 ms on the H100's ~54 GB/s
+# host link against a ~4 ms layer forward, so only part of the layers can keep it before the copies
+# fall behind the compute. Measured at 8B QLoRA 2 x 2048 (benchmarks/results/h100-2026-11-24-s5/
+# qlora_step_profile.md, interleaved rounds): 11 of 32 layers 360 ms per step, 16: 339, 21: 341,
+# 32: 427 (forward bound by the copies), "full" 372.
+GATE_UP_KEPT_SHARE = 1 / 2
 DEFAULT_TILE_TOKENS = 8192
 
 
