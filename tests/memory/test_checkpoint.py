@@ -8,7 +8,13 @@ import torch
 import velotune
 from tests.model_zoo import random_batch, rel_err, save_hf_model
 from velotune.errors import ConfigError, KernelError
-from velotune.memory.checkpoint import checkpoint_mode, recompute, sequence_tiled
+from velotune.memory.checkpoint import (
+    checkpoint_mode,
+    default_gate_up_kept_layers,
+    gate_up_keeping_layers,
+    recompute,
+    sequence_tiled,
+)
 from velotune.memory.tiled import token_tiles
 
 
@@ -43,8 +49,10 @@ def padded_batch():
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
 @pytest.mark.parametrize(
-    "mode,policy", [(True, "full"), ("offload", "full"), (True, "save_attn"), ("offload", "save_attn")]
-)
+    "mode,policy",
+    [(True, "full"), ("offload", "full"), (True, "save_attn"), ("offload", "save_attn"), (True, "save_mlp"),
+     ("offload", "save_mlp")],
+)  # fmt: skip
 def test_checkpointed_training_gives_bitwise_the_loss_and_every_gradient_of_the_plain_one(
     folders, family, mode, policy
 ):
@@ -130,10 +138,40 @@ def test_recomputation_replays_the_dropout_masks_of_the_forward():
         return out, grads, torch.rand(3)
 
     ref_out, ref_grads, ref_after = run(lambda t: tail(head(t)))
-    out, grads, after = run(lambda t: recompute(head, tail, t, [w], tile_tokens=3))
-    assert torch.equal(out, ref_out) and torch.equal(after, ref_after)
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) < 1e-6
+    # keep_tail_input: the tail is differentiated first, from its kept input, then the head is
+    # recomputed: each replays its own part of the forward's random stream.
+    for keep in (False, True):
+        out, grads, after = run(lambda t: recompute(head, tail, t, [w], tile_tokens=3, keep_tail_input=keep))
+        assert torch.equal(out, ref_out) and torch.equal(after, ref_after)
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) < 1e-6
+
+
+def test_keeping_needs_a_head_and_the_gate_up_output_needs_the_fused_mlp():
+    w = torch.randn(4, 4, requires_grad=True)
+    with pytest.raises(KernelError, match="no tail input"):
+        recompute(None, lambda t: t @ w, torch.randn(3, 4), [w], keep_tail_input=True)
+    with pytest.raises(KernelError, match="fused MLP"):
+        recompute(lambda t: t * 2, lambda t: t @ w, torch.randn(3, 4), [w], keep_tail_input=True, keep_gate_up=True)
+
+
+class _Layers(torch.nn.Module):
+    def __init__(self, n, kept=None):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(n))
+        self.gate_up_kept_layers = kept
+
+
+def test_the_layers_keeping_their_gate_up_output_are_spread_from_the_top_down():
+    assert gate_up_keeping_layers(_Layers(32)) == frozenset(range(31, -1, -2))  # the default half
+    assert gate_up_keeping_layers(_Layers(32, 0)) == frozenset()
+    assert gate_up_keeping_layers(_Layers(32, 32)) == frozenset(range(32))
+    assert gate_up_keeping_layers(_Layers(5, 1)) == frozenset({4})
+    assert len(gate_up_keeping_layers(_Layers(32, 21))) == 21
+    assert default_gate_up_kept_layers(32) == 16
+    for bad in (33, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="gate_up_kept_layers"):
+            gate_up_keeping_layers(_Layers(32, bad))
 
 
 def test_a_second_backward_through_a_checkpoint_is_refused_with_a_clear_error():

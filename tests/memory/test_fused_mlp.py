@@ -8,6 +8,7 @@ import torch
 
 import velotune
 from tests.model_zoo import random_batch, rel_err, save_hf_model, velotune_lora_model
+from velotune.errors import KernelError
 from velotune.memory import fused_mlp as fused_module
 from velotune.memory.fused_mlp import FusedMLPBlock, fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
@@ -194,3 +195,49 @@ def test_checkpointed_qlora_training_through_the_fused_mlp_gives_the_plain_loss_
     assert rel_err(loss, ref_loss) < 1e-6
     for name in ref_grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("load_in_4bit,tile", [(False, None), (False, 5), (True, None), (True, 4)])
+def test_save_mlp_keeps_the_gate_up_output_of_the_chosen_layers_and_gives_the_plain_gradients(
+    folder, triton_everywhere, monkeypatch, load_in_4bit, tile
+):
+    model = lora_model(folder, load_in_4bit=load_in_4bit)
+    ids, mask, labels = random_batch(2, 11, seed=5, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    kept_tiles = []
+    real = FusedMLPBlock.tiled_backward
+
+    def spy(self, x, dy, params, tile_tokens, need_dx, kept_gate_up=None):
+        kept_tiles.append(None if kept_gate_up is None else len(kept_gate_up))
+        result = real(self, x, dy, params, tile_tokens, need_dx, kept_gate_up)
+        assert kept_gate_up is None or all(t is None for t in kept_gate_up)  # released as used
+        return result
+
+    monkeypatch.setattr(FusedMLPBlock, "tiled_backward", spy)
+    n_tiles = len(token_tiles(22, tile or 8192))
+    for kept in (None, len(model.layers)):
+        kept_tiles.clear()
+        model.gradient_checkpointing, model.checkpoint_policy = "offload", "save_mlp"
+        model.gate_up_kept_layers, model.mlp_tile_tokens = kept, tile
+        loss, grads = loss_and_grads(model, batch)
+        # The backward walks down from the top layer, which keeps first.
+        chosen = kept if kept is not None else round(len(model.layers) / 2)
+        want = [n_tiles if i % 2 == 0 or kept is not None else None for i in range(len(model.layers))]
+        assert kept_tiles == want and sum(k is not None for k in kept_tiles) == chosen
+        assert grads.keys() == ref_grads.keys() and ref_grads
+        assert rel_err(loss, ref_loss) < 1e-6
+        for name in ref_grads:
+            assert rel_err(grads[name], ref_grads[name]) < 1e-6, name
+
+
+def test_kept_gate_up_tiles_must_match_the_backward_tiles(model, triton_everywhere):
+    layer = model.layers[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(1, 9, layer.spec.hidden_size)
+    block = fused_mlp_block(layer, x)
+    with torch.no_grad():
+        _, kept = block.forward_keeping(x, 4, lambda t: t.clone())
+    assert len(kept) == 3
+    with pytest.raises(KernelError, match="tile size changed"):
+        block.tiled_backward(x, torch.randn(x.shape), params, 5, True, kept_gate_up=kept)

@@ -11,6 +11,7 @@ from tests.model_zoo import save_hf_model
 from velotune.errors import ConfigError
 from velotune.memory.planner import (
     HOST_RESERVE,
+    _offload_block_bytes,
     add_plan_command,
     estimate_memory,
     layer_bytes_per_token,
@@ -125,6 +126,35 @@ def test_estimates_order_as_the_checkpointing_modes_promise(folders):
     assert estimate_memory(spec, "qlora", seq=seq).weights < offload.weights
     assert estimate_memory(spec, seq=2 * seq).total > offload.total
     assert estimate_memory(spec, seq=seq, batch=2).total == estimate_memory(spec, seq=2 * seq).total
+
+
+def test_save_mlp_trades_pinned_host_memory_for_recomputation_at_a_bounded_gpu_cost(folders):
+    spec, seq = load(folders["llama"]).spec.replace(num_layers=8), 4096
+
+    def plan(mode="offload", policy="save_mlp", kept=None):
+        return estimate_memory(spec, seq=seq, gradient_checkpointing=mode, checkpoint_policy=policy,
+                               gate_up_kept_layers=kept, embedding_on_host=False)  # fmt: skip
+
+    full, none_kept, half, every = plan(policy="full"), plan(kept=0), plan(), plan(kept=8)
+    hid = seq * spec.hidden_size * 2
+    gate_up = seq * 2 * spec.intermediate_size * 2  # one tile at this width
+    # Each layer also sends its MLP-half input to the host; each keeping layer but the top one (which
+    # stays on the GPU) its gate/up output; the default is half the layers. Pinned in whole blocks.
+    assert none_kept.host_pinned - full.host_pinned == (spec.num_layers - 1) * _offload_block_bytes(hid)
+    assert half.host_pinned - none_kept.host_pinned == 3 * _offload_block_bytes(gate_up)
+    assert every.host_pinned - none_kept.host_pinned == 7 * _offload_block_bytes(gate_up)
+    # On the GPU: no more than the layer below's kept tensors, prefetched, over "full"; the MLP half
+    # runs without the attention graph, so keeping nothing costs less than "full".
+    mlp_phase = "layer backward (MLP)"
+    assert none_kept.phases[mlp_phase] < full.phases[mlp_phase]
+    assert none_kept.total <= full.total + 2 * hid
+    assert full.total < half.total == every.total <= full.total + 2 * hid + gate_up
+    # Kept on the GPU (mode True) every keeping layer's gate/up output stays there.
+    assert plan(True, kept=8).total - plan(True, kept=0).total >= 7 * gate_up
+    # Without the fused MLP (full fine-tuning) nothing is kept.
+    assert estimate_memory(spec, "full", seq=seq, checkpoint_policy="save_mlp").host_pinned == estimate_memory(
+        spec, "full", seq=seq, checkpoint_policy="save_mlp", gate_up_kept_layers=8
+    ).host_pinned
 
 
 def test_an_embedding_kept_on_the_host_moves_its_bytes_from_the_gpu_to_pinned_host_memory(folders):
