@@ -150,19 +150,25 @@ def _split(t: torch.Tensor, sizes: tuple[int, ...]) -> Sequence[torch.Tensor]:
     return (t,) if len(sizes) == 1 else t.split_with_sizes(sizes, 1)
 
 
+def lora_branch_inputs(x_lora2: torch.Tensor, lora_a, layout: LoraLayout, lora_bs):
+    """(A, x A^T, [B_i]) in x's dtype for the LoRA branch of [T, in] rows (None, None, () without LoRA)."""
+    if not layout.blocks:
+        return None, None, ()
+    # LoRA weights may be kept in float32 (as PEFT keeps them) while the activations are 16-bit:
+    # the small factors are cast per call so every GEMM runs in the activation dtype.
+    dtype = x_lora2.dtype
+    a = _cast(lora_a, dtype)
+    return a, torch.mm(x_lora2, a.t()), [_cast(b, dtype) for b in lora_bs]
+
+
 def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs):
     """y (as [T, out]), the cast A, x A^T and the cast Bs: the forward of `LoraProjectionFunction`."""
-    dtype = x.dtype
     x2 = _rows(x)
     y = _base_linear(x2, weight, bias)
     blocks = layout.blocks
     if not blocks:
         return y, None, None, ()
-    # LoRA weights may be kept in float32 (as PEFT keeps them) while the activations are 16-bit:
-    # the small factors are cast per call so every GEMM runs in the activation dtype.
-    a = _cast(lora_a, dtype)
-    bs = [_cast(b, dtype) for b in lora_bs]
-    xa = torch.mm(x2 if x_lora is None else _rows(x_lora), a.t())
+    a, xa, bs = lora_branch_inputs(x2 if x_lora is None else _rows(x_lora), lora_a, layout, lora_bs)
     ys = _split(y, layout.out_sizes)
     xas = (xa,) if len(blocks) == 1 else xa.split_with_sizes(layout.lora_ranks, 1)
     for (i, scale), xa_j, b in zip(blocks, xas, bs):

@@ -33,7 +33,14 @@ import torch
 from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
 from velotune.kernels.activations import ACTIVATIONS, gated_activation_backward, gated_activation_forward
-from velotune.kernels.lora import _cast, _fused_forward, _is_dense, _rows, lora_factor_grads, lora_input_grad
+from velotune.kernels.lora import (
+    _fused_forward,
+    _is_dense,
+    _rows,
+    lora_branch_inputs,
+    lora_factor_grads,
+    lora_input_grad,
+)
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
 from velotune.memory.tiled import token_tiles
 
@@ -64,13 +71,8 @@ class FusedMLPBlock:
         w, b, a, bs, layout, _ = self.gate_up
         if gu is None:
             gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
-        else:  # the LoRA pieces as _fused_forward makes them (same casts, same x A^T)
-            a_c = xa = None
-            bs_c = ()
-            if layout.blocks:
-                a_c = _cast(a, n.dtype)
-                bs_c = [_cast(b_j, n.dtype) for b_j in bs]
-                xa = torch.mm(n, a_c.t())
+        else:
+            a_c, xa, bs_c = lora_branch_inputs(n, a, layout, bs)
         return n, rstd, gu, (a_c, xa, bs_c), gated_activation_forward(gu, self.activation)
 
     def tiled_forward(self, x: torch.Tensor, tile_tokens: int | None) -> torch.Tensor:
@@ -148,11 +150,7 @@ class FusedMLPBlock:
             n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt, gu_kept)
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
-            a_c = bs_c = xa = None
-            if layout_down.blocks:
-                a_c = _cast(a_down, act.dtype)
-                bs_c = [_cast(b, act.dtype) for b in bs_down]
-                xa = torch.mm(act, a_c.t())
+            a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)
             dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *down_dtypes)
             add(self.down, da, dbs)
             del act, xa  # d(activation) below takes the activation's memory
