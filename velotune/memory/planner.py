@@ -334,6 +334,28 @@ def layer_bytes_per_token(
     )
 
 
+def _mlp_tiles(
+    spec: ArchSpec, tokens: int, mode, fused_mlp: bool, mlp_dense: bool, mlp_tile_tokens: int | None
+) -> list[tuple[int, int]]:
+    """The MLP half's token tiles as `velotune.memory.checkpoint` picks them."""
+    tile = mlp_tile_tokens
+    if tile is None:
+        auto = (
+            fused_tile_tokens(spec.hidden_size, spec.intermediate_size)
+            if fused_mlp and mlp_dense
+            else DEFAULT_TILE_TOKENS
+        )
+        tile = auto if mode else 0
+    return token_tiles(tokens, tile or None)
+
+
+def _gate_up_kept_count(n_layers: int, mode, policy: str, fused_mlp: bool, requested: int | None) -> int:
+    """How many layers keep their gate/up output (only under "save_mlp", only on the fused MLP)."""
+    if not (mode and policy == "save_mlp" and fused_mlp):
+        return 0
+    return default_gate_up_kept_layers(n_layers) if requested is None else requested
+
+
 def activation_inventory(
     spec: ArchSpec,
     tokens: int,
@@ -361,20 +383,10 @@ def activation_inventory(
     n, t_all = spec.num_layers, tokens
     hid = s["hidden"] * t_all
     fused_mlp = fused_mlp and (bool(mode) or bool(mlp_tile_tokens))  # the recompute path only
-    tile = mlp_tile_tokens
-    if tile is None:
-        auto = (
-            fused_tile_tokens(spec.hidden_size, spec.intermediate_size)
-            if fused_mlp and mlp_dense
-            else DEFAULT_TILE_TOKENS
-        )
-        tile = auto if mode else 0
-    tiles = token_tiles(t_all, tile or None)
+    tiles = _mlp_tiles(spec, t_all, mode, fused_mlp, mlp_dense, mlp_tile_tokens)
     tile_rows = tiles[0][1] - tiles[0][0]
     tiled = len(tiles) > 1
-    kept_gate_up = 0
-    if mode and checkpoint_policy == "save_mlp" and fused_mlp:
-        kept_gate_up = default_gate_up_kept_layers(n) if gate_up_kept_layers is None else gate_up_kept_layers
+    kept_gate_up = _gate_up_kept_count(n, mode, checkpoint_policy, fused_mlp, gate_up_kept_layers)
     # Offload keeps the last layer's checkpoint on the GPU (it is needed first), the others on the host.
     on_gpu = 1 if mode == "offload" else n
     prefetched = hid if mode == "offload" and n > 1 else 0  # the next input down, copied back early
@@ -614,14 +626,10 @@ def estimate_memory(
         host += (n_layers - 1) * _offload_block_bytes(tokens * spec.hidden_size * act)
         if checkpoint_policy == "save_mlp":  # the MLP-half inputs, and the kept gate/up tiles
             host += (n_layers - 1) * _offload_block_bytes(tokens * spec.hidden_size * act)
-            kept = 0
-            if fused_mlp:
-                kept = default_gate_up_kept_layers(n_layers) if gate_up_kept_layers is None else gate_up_kept_layers
-            tile = mlp_tile_tokens
-            if tile is None:
-                tile = fused_tile_tokens(spec.hidden_size, spec.intermediate_size) if method != "qlora" else DEFAULT_TILE_TOKENS
+            kept = _gate_up_kept_count(n_layers, mode, checkpoint_policy, fused_mlp, gate_up_kept_layers)
+            tiles = _mlp_tiles(spec, tokens, mode, fused_mlp, method != "qlora", mlp_tile_tokens)
             gate_up_row = 2 * spec.intermediate_size * act
-            tile_bytes = sum(_offload_block_bytes((b - a) * gate_up_row) for a, b in token_tiles(tokens, tile or None))
+            tile_bytes = sum(_offload_block_bytes((b - a) * gate_up_row) for a, b in tiles)
             host += max(kept - 1, 0) * tile_bytes  # the top layer's stay on the GPU
     if table_on_host:
         # The pinned table, and the pinned rows gathered from it for each batch (DecoderModel.embed).
