@@ -24,7 +24,7 @@ from benchmarks.train_step import prepare_model_folder
 CATEGORIES = [
     ("attention", r"attn|flash|fmha|attention"),
     ("loss", r"cross_entropy|_ce_|softmax_ce|logsumexp"),
-    ("rmsnorm", r"rms_norm"),
+    ("rmsnorm", r"rms_norm|rmsnorm"),
     ("rope", r"rope|rotary"),
     ("activation", r"gated|swiglu|geglu|silu|gelu"),
     ("optimizer", r"adam|multi_tensor|foreach"),
@@ -33,9 +33,10 @@ CATEGORIES = [
 ]
 
 
-def categorize(name: str) -> str:
+def categorize(name: str, categories: list[tuple[str, str]] = CATEGORIES) -> str:
+    """The op family of a kernel name: the first of `categories` whose pattern it matches."""
     low = name.lower()
-    for cat, pattern in CATEGORIES:
+    for cat, pattern in categories:
         if re.search(pattern, low):
             return cat
     return "other"

@@ -20,7 +20,6 @@ import argparse
 import collections
 import gzip
 import json
-import re
 import statistics
 import sys
 import time
@@ -30,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.profile_step import CATEGORIES as STEP_CATEGORIES  # noqa: E402
+from benchmarks.profile_step import categorize as categorize_among  # noqa: E402
 from benchmarks.qlora_70b import build_random_qlora_model  # noqa: E402
 from benchmarks.shapes import model_config  # noqa: E402
 from velotune import FastLanguageModel  # noqa: E402
@@ -37,18 +38,8 @@ from velotune.memory.planner import estimate_memory  # noqa: E402
 
 GIB = 2**30
 MODEL = "llama-3.1-8b"
-CATEGORIES = [
-    ("nf4 dequant", r"nf4|dequant"),
-    ("attention", r"attn|flash|fmha|attention"),
-    ("loss", r"cross_entropy|_ce_|softmax_ce|logsumexp"),
-    ("rmsnorm", r"rms_norm|rmsnorm"),
-    ("rope", r"rope|rotary"),
-    ("activation", r"gated|swiglu|geglu|silu|gelu"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("host copies", r"memcpy|memset"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90|splitk|ampere_bf16"),
-    ("copy/elementwise", r"copy|elementwise|vectorized|fill|cat|index|reduce|mul|add"),
-]
+# profile_step's op families, with the two this step adds in front of them.
+CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset"), *STEP_CATEGORIES]
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -99,11 +90,7 @@ def check_policies(model, ids) -> dict:
 
 
 def categorize(name: str) -> str:
-    low = name.lower()
-    for cat, pattern in CATEGORIES:
-        if re.search(pattern, low):
-            return cat
-    return "other"
+    return categorize_among(name, CATEGORIES)
 
 
 def _event_ms(fn, reps: int = 5) -> float:
