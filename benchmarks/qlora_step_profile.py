@@ -33,6 +33,7 @@ from benchmarks.profile_step import CATEGORIES as STEP_CATEGORIES  # noqa: E402
 from benchmarks.profile_step import categorize as categorize_among  # noqa: E402
 from benchmarks.qlora_70b import build_random_qlora_model  # noqa: E402
 from benchmarks.shapes import model_config  # noqa: E402
+import velotune.memory.checkpoint as checkpoint_module  # noqa: E402
 from velotune import FastLanguageModel  # noqa: E402
 from velotune.memory.planner import estimate_memory  # noqa: E402
 
@@ -40,6 +41,7 @@ GIB = 2**30
 MODEL = "llama-3.1-8b"
 # profile_step's op families, with the two this step adds in front of them.
 CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset"), *STEP_CATEGORIES]
+AUTOGRAD_ATTENTION = "autograd attention half"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -50,7 +52,23 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     ("offload, save_mlp, 21 kept", "offload", "save_mlp", 21),
     ("offload, save_mlp, 26 kept", "offload", "save_mlp", 26),
     ("offload, save_mlp, 32 kept", "offload", "save_mlp", 32),
+    # The attention half recomputed through the modules' autograd graph, as before
+    # velotune.memory.fused_attention (the label says so; see `configure`).
+    (f"offload, full, {AUTOGRAD_ATTENTION}", "offload", "full", None),
+    (f"offload, save_mlp, 16 kept, {AUTOGRAD_ATTENTION}", "offload", "save_mlp", 16),
 ]
+HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
+
+
+def configure(model, index: int) -> tuple[str, object, str, int | None]:
+    """Sets the model (and the attention half's path) to CONFIGS[index]; returns that entry."""
+    label, mode, policy, kept = CONFIGS[index]
+    model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
+    # velotune has no switch for this (the hand-written half gives bitwise the autograd gradients):
+    # the comparison swaps the checkpoint module's lookup for one that always declines.
+    autograd = label.endswith(AUTOGRAD_ATTENTION)
+    checkpoint_module.fused_attention_block = (lambda *args: None) if autograd else HAND_WRITTEN_ATTENTION
+    return label, mode, policy, kept
 
 
 def grads_of(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
@@ -67,10 +85,10 @@ def check_policies(model, ids) -> dict:
     same weights (no optimizer step in between): the same numbers are expected bit for bit."""
     out = {}
     ref_loss, ref = None, None
-    for label, mode, policy, kept in CONFIGS:
+    for index in range(len(CONFIGS)):
+        label, mode, _, _ = configure(model, index)
         if not mode:
             continue
-        model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
         loss, grads = grads_of(model, ids)
         if ref is None:
             ref_loss, ref = loss, grads
@@ -286,8 +304,7 @@ def main() -> int:
     losses: dict[int, list[float]] = {i: [] for i in indices}
     for rnd in range(args.rounds):
         for index in indices:
-            _, mode, policy, kept = CONFIGS[index]
-            model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
+            configure(model, index)
             for _ in range(args.warmup):
                 whole_step(model, optimizer, ids)
             torch.cuda.synchronize()
@@ -300,15 +317,15 @@ def main() -> int:
         print(f"round {rnd}: " + ", ".join(f"{i}: {statistics.median(samples[i][-args.steps:]) * 1e3:.1f} ms"
                                           for i in indices), flush=True)  # fmt: skip
     for index in indices:
-        label, mode, policy, kept = CONFIGS[index]
-        model.gradient_checkpointing, model.checkpoint_policy, model.gate_up_kept_layers = mode, policy, kept
+        label, mode, policy, kept = configure(model, index)
         for _ in range(args.warmup):
             run_step(model, optimizer, ids)
         split = [run_step(model, optimizer, ids) for _ in range(args.steps)]
         fwd, bwd, opt = (statistics.median(t[i] for t in split) for i in range(3))
         step = statistics.median(samples[index])
         plan = estimate_memory(model_config(MODEL), "qlora", batch=args.batch, seq=args.seq, lora_r=16,
-                               gradient_checkpointing=mode, checkpoint_policy=policy, gate_up_kept_layers=kept)  # fmt: skip
+                               gradient_checkpointing=mode, checkpoint_policy=policy, gate_up_kept_layers=kept,
+                               fused_attention=not label.endswith(AUTOGRAD_ATTENTION))  # fmt: skip
         row = {"config": label, "step_ms": step * 1e3, "step_min_ms": min(samples[index]) * 1e3,
                "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "optimizer_ms": opt * 1e3,
                "tokens_per_s": args.batch * args.seq / step, "peak_gib": peaks[index] / GIB,

@@ -29,6 +29,10 @@ more). Tiles through autograd (the generic path) cost ~4 ms of host time each on
 1,024-token tiles made the 8B step 1.9x slower (benchmarks/NOTES.md); the fused path's tiles are
 its kernels alone (~70 ops), hence its smaller default.
 
+Where `velotune.memory.fused_attention` applies (CUDA, LoRA/QLoRA without LoRA dropout), the
+attention half is recomputed and differentiated by hand instead of through autograd: the same ops,
+minus the o projection's output when the MLP half has already run from its kept input ("save_mlp").
+
 Every mode gives the same loss and gradients: bitwise on CPU in float32 when no tiling happens.
 The recomputation replays the forward's RNG (LoRA dropout) and autocast state.
 """
@@ -43,6 +47,7 @@ from torch import nn
 
 from velotune.errors import ConfigError, KernelError
 from velotune.memory.offload import ActivationStore, SavedTensor
+from velotune.memory.fused_attention import fused_attention_block
 from velotune.memory.fused_mlp import fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
@@ -147,8 +152,8 @@ class _Segment:
             return tokenwise_backward(self.tail, h, dy, self.params, self.tile_tokens, True)
 
     def backward(self, dy: torch.Tensor, need_dx: bool) -> tuple[torch.Tensor | None, list]:
-        tail_first = self.saved_tail_input is not None
-        if tail_first:
+        dh = grads = None  # the tail's, once it has run (first, when it kept its input)
+        if self.saved_tail_input is not None:
             dh, grads = self._tail_backward_first(dy)
         x = self.store.load(self.saved)
         self.saved = None
@@ -156,9 +161,11 @@ class _Segment:
             self._replay(replay, x.device, self.rng)
             if self.head is None:
                 return tokenwise_backward(self.tail, x, dy, self.params, self.tile_tokens, need_dx)
+            if hasattr(self.head, "recompute"):
+                return self._hand_written_head_backward(x, dy, need_dx, dh, grads)
             x_leaf = x.detach().requires_grad_(need_dx)
             h = self.head(x_leaf)
-            if not tail_first:
+            if dh is None:
                 dh, grads = tokenwise_backward(
                     self.tail, h.detach(), dy, self.params, self.tile_tokens, h.requires_grad
                 )
@@ -167,10 +174,30 @@ class _Segment:
             wrt = ([x_leaf] if need_dx else []) + self.params
             got = list(torch.autograd.grad(h, wrt, dh, allow_unused=True))
         dx = got.pop(0) if need_dx else None
-        for i, g in enumerate(got):
-            if g is not None:
-                grads[i] = g if grads[i] is None else grads[i].add_(g)
-        return dx, grads
+        return dx, _summed(grads, got)
+
+    def _hand_written_head_backward(self, x, dy, need_dx, dh, grads):
+        """`backward` for a head with its own recomputation and backward (`FusedAttentionBlock`); dh and
+        grads: the tail's, when it ran first from its kept input."""
+        head = self.head
+        needs_dh = need_dx or head.trains(self.params)
+        # The head's output is the tail's input: recomputed only when the tail was not differentiated yet.
+        state, h = head.recompute(x, need_output=dh is None)
+        if dh is None:
+            dh, grads = tokenwise_backward(self.tail, h, dy, self.params, self.tile_tokens, needs_dh)
+            del h
+        if not needs_dh:
+            return None, grads
+        dx, head_grads = head.backward(state, dh, self.params, need_dx)
+        return dx, _summed(grads, head_grads)
+
+
+def _summed(grads: list, more: Sequence) -> list:
+    """grads with more added entry by entry (None: no gradient)."""
+    for i, g in enumerate(more):
+        if g is not None:
+            grads[i] = g if grads[i] is None else grads[i].add_(g)
+    return grads
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -325,6 +352,8 @@ def _layer_step(
     def attention_half(t):
         return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
 
+    # The hand-written attention half (its recomputation skips what no gradient needs) where it applies.
+    attention_half = fused_attention_block(layer, x, cos, sin, key_padding_mask, cu_seqlens) or attention_half
     fused = fused_mlp_block(layer, x)
     mlp_block = fused if fused is not None else layer.mlp_block
     if fused is not None and fused.dense and auto_tile:

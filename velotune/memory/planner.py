@@ -369,12 +369,16 @@ def activation_inventory(
     fused_mlp: bool = False,
     mlp_dense: bool = True,
     gate_up_kept_layers: int | None = None,
+    fused_attention: bool = False,
 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(what the layers keep on the GPU from forward to backward, {high point: {tensor: bytes}}).
 
     mlp_dense: the MLP weights are 16-bit (not 4-bit), which gives the fused MLP its smaller tile.
     gate_up_kept_layers: under "save_mlp", how many layers keep their gate/up output (None: the
     default share); only the fused MLP keeps it.
+    fused_attention: the attention half is recomputed and differentiated by hand
+    (`velotune.memory.fused_attention`): no o-projection x A^T in its recomputed graph, and no
+    attention-half output held through its backward.
 
     Every [tokens, ...] tensor alive at each of the step's three high points, each inventory
     including the kept tensors (see the module docstring). Arguments as `estimate_memory`'s."""
@@ -442,7 +446,7 @@ def activation_inventory(
     else:
         if mode and checkpoint_policy == "full":
             mlp["input of the layer below, prefetched"] = prefetched
-            mlp["recomputed attention graph"] = s["attention_graph"] * t_all
+            mlp["recomputed attention graph"] = (s["attention_graph"] - fused_attention * s["lora_o"]) * t_all
             mlp["attention-half output"] = hid
         elif mode and checkpoint_policy == "save_mlp":
             # The MLP half runs first from its kept input: no attention graph yet.
@@ -475,7 +479,8 @@ def activation_inventory(
         attn[f"{label}, prefetched"] = prefetched
         attn["d(layer output)"] = hid  # held by the checkpoint's backward until the layer is done
         attn["recomputed attention graph"] = (s["attention_graph"] - s["lora_o"]) * t_all
-        attn["attention-half output"] = hid  # held by the checkpoint's backward too
+        if not fused_attention:  # the hand-written backward has let go of it (or never computed it)
+            attn["attention-half output"] = hid  # held by the checkpoint's backward too
     else:
         attn["attention graphs"] -= s["lora_o"] * t_all
         if mode:  # save_attn: this layer's checkpointed MLP-half input is freed
@@ -539,6 +544,7 @@ def estimate_memory(
     attention_backend: str = "auto",
     fused_mlp: bool | None = None,
     gate_up_kept_layers: int | None = None,
+    fused_attention: bool | None = None,
 ) -> MemoryEstimate:
     """Peak GPU memory and pinned host memory of one training step (after the first: optimizer state exists).
 
@@ -558,6 +564,9 @@ def estimate_memory(
             velotune.kernels.attention would pick it for unpacked, unpadded batches).
         fused_mlp: whether the MLP half runs through `velotune.memory.fused_mlp` (None: as on CUDA,
             for LoRA/QLoRA on a dense gated MLP without sandwich norms, assuming no LoRA dropout).
+        fused_attention: whether the attention half is recomputed through
+            `velotune.memory.fused_attention` (None: as on CUDA, for LoRA/QLoRA without q/k norms or
+            sandwich norms, assuming no LoRA dropout).
     """
     spec = _spec_of(model)
     if method not in METHODS:
@@ -597,6 +606,8 @@ def estimate_memory(
     backend = _attention_backend(spec, seq, attention_backend)
     if fused_mlp is None:
         fused_mlp = method != "full" and spec.moe is None and not spec.sandwich_norms
+    if fused_attention is None:
+        fused_attention = method != "full" and not spec.qk_norm and not spec.sandwich_norms
     kept, phases = activation_inventory(
         spec,
         tokens,
@@ -609,6 +620,7 @@ def estimate_memory(
         fused_mlp=fused_mlp,
         mlp_dense=method != "qlora",
         gate_up_kept_layers=gate_up_kept_layers,
+        fused_attention=bool(mode) and fused_attention,
     )
     totals = {phase: sum(items.values()) for phase, items in phases.items()}
     peak_phase = max(totals, key=totals.get)

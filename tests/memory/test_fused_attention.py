@@ -1,0 +1,183 @@
+"""The hand-written attention half (velotune.memory.fused_attention): its recomputation and backward
+give bitwise the autograd output and gradients of `layer.attention_block` (padded, packed, sliding
+windows, biases, partial rotary, grouped-query heads, a single token, no input gradient), checkpointed
+training through it gives bitwise the plain model's loss and gradients under every policy, and it
+steps aside wherever it would not compute what the modules compute."""
+
+import pytest
+import torch
+
+from tests.model_zoo import random_batch, save_hf_model, velotune_lora_model
+from velotune.memory.fused_attention import FusedAttentionBlock, fused_attention_block
+from velotune.models.decoder import cu_seqlens_from_position_ids
+from velotune.models.rope_scaling import rope_cos_sin
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    paths = {}
+    for family in ("llama", "mistral", "qwen2", "gemma", "phi3_partial", "mixtral", "llama_tied_bias"):
+        paths[family] = str(tmp_path_factory.mktemp(family))
+        save_hf_model(family, paths[family])
+    return paths
+
+
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+
+
+def layer_inputs(model, batch, tokens, seed, padded=False, packed=False):
+    """x, dy, cos, sin, key padding mask and cu_seqlens for one layer, as the model would pass them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, model.spec.hidden_size, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    positions = torch.arange(tokens).unsqueeze(0).expand(batch, -1)
+    mask = cu = None
+    if packed:  # documents of 3 tokens, then the rest
+        positions = torch.cat([torch.arange(min(3, tokens)), torch.arange(max(tokens - 3, 0))]).unsqueeze(0)
+        positions = positions.expand(batch, -1)
+        cu = cu_seqlens_from_position_ids(positions)
+    if padded:
+        _, attention_mask, _ = random_batch(batch, tokens, seed=seed, padding="right")
+        mask = attention_mask.bool()
+    cos, sin = rope_cos_sin(model.spec.rope, positions, x.dtype)
+    return x, dy, cos, sin, mask, cu
+
+
+def autograd_half(layer, x, dy, params, cos, sin, mask, cu):
+    x = x.detach().requires_grad_(True)
+    y = layer.attention_block(x, cos, sin, mask, cu)
+    got = torch.autograd.grad(y, [x, *params], dy, allow_unused=True)
+    return y.detach(), got[0], list(got[1:])
+
+
+CASES = [
+    ("llama", 2, 11, dict(padded=True)),
+    ("llama", 1, 1, {}),
+    ("llama", 3, 7, dict(packed=True)),
+    ("mistral", 2, 9, {}),  # sliding window 5
+    ("qwen2", 1, 13, {}),  # q/k/v biases, a sliding window on one layer
+    ("gemma", 2, 6, dict(padded=True)),  # 1 + w norm
+    ("phi3_partial", 2, 8, dict(packed=True)),  # half the head rotated
+    ("llama_tied_bias", 1, 5, {}),  # an o-projection bias
+]
+
+
+@pytest.mark.parametrize("family,batch,tokens,kw", CASES)
+def test_the_hand_written_attention_half_gives_bitwise_the_autograd_output_and_gradients(
+    folders, triton_everywhere, family, batch, tokens, kw
+):
+    model = velotune_lora_model(folders[family])
+    for index, layer in enumerate(model.layers):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        x, dy, cos, sin, mask, cu = layer_inputs(model, batch, tokens, seed=tokens + index, **kw)
+        block = fused_attention_block(layer, x, cos, sin, mask, cu)
+        assert isinstance(block, FusedAttentionBlock)
+        ref_y, ref_dx, ref_grads = autograd_half(layer, x, dy, params, cos, sin, mask, cu)
+        state, y = block.recompute(x, need_output=True)
+        dx, grads = block.backward(state, dy, params, need_dx=True)
+        attn_lora = [p for n, p in layer.named_parameters() if ".attn." in f".{n}" and p.requires_grad]
+        # q/k/v: A and a B per block (three, or one where the checkpoint fuses them: Phi-3); o: A and B.
+        assert len(attn_lora) == (4 if family.startswith("phi3") else 6)
+        assert torch.equal(y, ref_y) and torch.equal(dx, ref_dx)
+        for got, want, p in zip(grads, ref_grads, params):
+            assert (got is None) == (want is None)
+            assert (got is not None) == any(p is q for q in attn_lora)
+            if want is not None:
+                assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_without_an_input_gradient_only_the_lora_gradients_are_computed(folders, triton_everywhere):
+    model = velotune_lora_model(folders["llama"])
+    layer = model.layers[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x, dy, cos, sin, mask, cu = layer_inputs(model, 2, 7, seed=4)
+    _, _, ref_grads = autograd_half(layer, x, dy, params, cos, sin, mask, cu)
+    block = fused_attention_block(layer, x, cos, sin, mask, cu)
+    state, y = block.recompute(x, need_output=False)
+    assert y is None  # the o projection's output is not recomputed when no one reads it
+    dx, grads = block.backward(state, dy, params, need_dx=False)
+    assert dx is None
+    assert all(torch.equal(g, w) if w is not None else g is None for g, w in zip(grads, ref_grads))
+    # Only o's factors train here (a fresh model): the attention backward is skipped.
+    for p in (layer.attn.qkv.lora_A, *layer.attn.qkv.lora_B.values()):
+        p.requires_grad_(False)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    _, _, ref_grads = autograd_half(layer, x, dy, params, cos, sin, mask, cu)
+    calls = []
+    real = torch.autograd.grad
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+        state, _ = block.recompute(x, need_output=False)
+        _, grads = block.backward(state, dy, params, need_dx=False)
+    assert calls == []
+    assert block.trains(params) and not block.trains(params, block.qkv)
+    assert all(torch.equal(g, w) if w is not None else g is None for g, w in zip(grads, ref_grads))
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "family,load_in_4bit,mode,policy",
+    [
+        ("llama", False, "offload", "full"),
+        ("llama", False, "offload", "save_mlp"),
+        ("llama", True, "offload", "save_mlp"),
+        ("llama", True, True, "full"),
+        ("mixtral", False, True, "full"),  # a routed MLP after the hand-written attention half
+        ("mistral", False, "offload", "save_mlp"),
+    ],
+)
+def test_checkpointed_training_through_the_hand_written_attention_half_gives_bitwise_the_plain_gradients(
+    folders, triton_everywhere, monkeypatch, family, load_in_4bit, mode, policy
+):
+    model = velotune_lora_model(folders[family], load_in_4bit=load_in_4bit)
+    ids, mask, labels = random_batch(2, 11, seed=6, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    outputs = []
+    real = FusedAttentionBlock.recompute
+    monkeypatch.setattr(
+        FusedAttentionBlock,
+        "recompute",
+        lambda self, x, need_output: outputs.append(need_output) or real(self, x, need_output),
+    )
+    model.gradient_checkpointing, model.checkpoint_policy = mode, policy
+    loss, grads = loss_and_grads(model, batch)
+    # Every layer's attention half was recomputed by hand; its output only where the MLP half needs it.
+    assert outputs == [policy == "full"] * len(model.layers)
+    assert grads.keys() == ref_grads.keys() and ref_grads
+    assert torch.equal(loss, ref_loss)
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_the_hand_written_attention_half_steps_aside_where_it_would_not_compute_what_the_modules_do(
+    folders, tmp_path, monkeypatch
+):
+    model = velotune_lora_model(folders["llama"])
+    layer = model.layers[0]
+    x, _, cos, sin, mask, cu = layer_inputs(model, 1, 3, seed=1)
+    assert fused_attention_block(layer, x, cos, sin, mask, cu) is None  # CPU tensors take the reference path
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    assert fused_attention_block(layer, x, cos, sin, mask, cu) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_attention_block(layer, x, cos, sin, mask, cu) is None
+    layer.attn_norm.weight.requires_grad_(True)
+    try:
+        assert fused_attention_block(layer, x, cos, sin, mask, cu) is None  # a trained norm weight
+    finally:
+        layer.attn_norm.weight.requires_grad_(False)
+    assert fused_attention_block(layer, x, cos.requires_grad_(), sin, mask, cu) is None  # trained angles
+    dropped = velotune_lora_model(folders["llama"], dropout=0.1)
+    assert fused_attention_block(dropped.layers[0], x, cos.detach(), sin, mask, cu) is None  # LoRA dropout
+    for family in ("qwen3", "gemma2"):  # q/k norms; sandwich norms
+        save_hf_model(family, str(tmp_path / family))
+        other = velotune_lora_model(str(tmp_path / family))
+        assert fused_attention_block(other.layers[0], x, cos.detach(), sin, mask, cu) is None
