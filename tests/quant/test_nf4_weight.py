@@ -26,13 +26,32 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("parts", [((0, 40), (40, 24), (64, 24)), ((0, 88),)])
-def test_products_equal_those_of_the_dequantized_weight(parts):
+@pytest.mark.parametrize("whole", [False, True])
+def test_products_equal_those_of_the_dequantized_weight(parts, whole):
     w, dense = _weight(parts)
+    # whole: the parts fit the limit, so the GEMMs run once over the weight dequantized whole.
+    w.whole_numel_limit = w.numel() if whole else w.numel() - 1
     gen = torch.Generator().manual_seed(1)
     x, dy = torch.randn(7, 96, generator=gen), torch.randn(7, 88, generator=gen)
     assert torch.equal(w.dequantize(), dense)
+    calls = []
+    real = w.dequantize
+    w.dequantize = lambda *a, **k: calls.append(1) or real(*a, **k)
     assert _rel(w.linear(x), x @ dense.t()) < 1e-6
     assert _rel(w.grad_input(dy), dy @ dense) < 1e-6
+    assert len(calls) == (2 if whole and len(parts) > 1 else 0)
+
+
+def test_the_loader_lets_fused_weights_no_larger_than_the_largest_block_dequantize_whole():
+    from velotune.io.load import build_spec, meta_model
+
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5)  # fmt: skip
+    model = meta_model(build_spec(cfg, "<test>"), torch.float32, load_in_4bit=True)
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    # The largest block is gate_proj (or up_proj): 80 x 32. q/k/v (64 x 32) fits it, gate/up does not.
+    assert {p.weight.whole_numel_limit for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)} == {80 * 32}
+    assert attn.qkv.weight.numel() <= 80 * 32 < mlp.gate_up.weight.numel()
 
 
 def test_parts_may_arrive_in_any_order():

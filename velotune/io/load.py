@@ -85,9 +85,14 @@ def meta_model(
     if load_in_4bit:
         # Before allocation, so the dense projection weights never exist. Embedding, LM head, norms,
         # biases (and MoE experts) stay 16-bit.
-        for module in model.modules():
-            if isinstance(module, Projection):
-                module.use_quantized_weight(NF4Weight(module.out_features, module.in_features, dtype))
+        projections = [m for m in model.modules() if isinstance(m, Projection)]
+        # A fused 4-bit weight no larger than the largest single block (the scratch buffer's size
+        # anyway) is dequantized whole for its GEMMs (velotune.quant.nf4_weight).
+        largest_block = max((max(m.out_sizes) * m.in_features for m in projections), default=0)
+        for module in projections:
+            weight = NF4Weight(module.out_features, module.in_features, dtype)
+            weight.whole_numel_limit = largest_block
+            module.use_quantized_weight(weight)
         if spec.moe is not None:
             logger.warning(
                 "load_in_4bit: MoE experts and router stay in %s; attention projections are 4-bit.", dtype

@@ -13,6 +13,10 @@ dequantizing costs ~2.5 bytes of memory traffic per weight element against 2 x t
 percent of the GEMM's time at 4k tokens on an H100); a tiled Triton GEMM would have to match cuBLAS
 to win that back. Going block by block bounds the buffer by the largest block (one projection of
 the checkpoint, e.g. 117 MB in bf16 for Llama-3-8B's gate_proj) instead of the whole fused weight.
+A fused weight whose parts together fit that bound (`whole_numel_limit`, set by the loader to the
+model's largest block: Llama-3-8B's q/k/v, 50 MB) is dequantized whole instead, so its GEMMs run
+once over all its rows: one [T, 6144] GEMM instead of three (4,096, 1,024 and 1,024 wide, the
+narrow ones well below the tensor cores' rate), and in the backward no accumulation pass per part.
 The buffer is not stream-aware: it assumes the projections run on one CUDA stream, in order.
 """
 
@@ -81,6 +85,9 @@ class NF4Weight(nn.Module):
         self._parts: list[tuple[int, int, torch.dtype, int, int]] = []
         self._views: list[tuple[int, NF4Tensor]] | None = None  # parts() built once per placement or move
         self._bitcast: dict[str, tuple[torch.dtype, int]] = {}  # see store_as_parameters
+        # Dequantized whole (not part by part) when it has at most this many elements; see the module
+        # docstring. Fixed per weight, so a recomputation runs the same GEMMs as the forward did.
+        self.whole_numel_limit = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -196,6 +203,14 @@ class NF4Weight(nn.Module):
         buf = scratch_buffer(q.numel(), self._device, dtype)
         return dequantize_nf4(q, out=buf).view(q.shape)
 
+    def _whole_in_scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The whole [out, in] weight dequantized into the scratch buffer, when it has several parts
+        and fits `whole_numel_limit`; else None (the GEMMs go part by part)."""
+        parts = self.parts()
+        if len(parts) == 1 or self.numel() > self.whole_numel_limit:
+            return None
+        return self.dequantize(dtype, out=scratch_buffer(self.numel(), self._device, dtype).view(self.shape))
+
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [T, in] @ W^T -> [T, out] in x2's dtype, dequantizing one part at a time into the scratch buffer;
         up to `nf4_matmul.MAX_ROWS` rows (a decoding step) multiply the packed parts directly instead."""
@@ -209,6 +224,9 @@ class NF4Weight(nn.Module):
             return y
         if len(parts) == 1:
             return torch.mm(x2, self._part_in_scratch(parts[0][1], x2.dtype).t())
+        whole = self._whole_in_scratch(x2.dtype)
+        if whole is not None:
+            return torch.mm(x2, whole.t())
         y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         for row0, q in parts:
             w = self._part_in_scratch(q, x2.dtype)
@@ -218,6 +236,9 @@ class NF4Weight(nn.Module):
     def grad_input(self, dy2: torch.Tensor) -> torch.Tensor:
         """dy2 [T, out] @ W -> [T, in], accumulated part by part (each dequantized into the scratch buffer)."""
         self._check_complete()
+        whole = self._whole_in_scratch(dy2.dtype)
+        if whole is not None:
+            return torch.mm(dy2, whole)
         dx = None
         for row0, q in self.parts():
             w = self._part_in_scratch(q, dy2.dtype)
