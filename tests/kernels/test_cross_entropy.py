@@ -12,6 +12,7 @@ from velotune.kernels.cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_chunked,
     linear_cross_entropy_reference,
+    plan_labels,
 )
 
 
@@ -250,6 +251,36 @@ def test_out_of_range_labels_raise_a_kernel_error():
     labels[0] = 20
     with pytest.raises(KernelError, match="outside"):
         linear_cross_entropy_chunked(hidden, weight, labels, backend="torch")
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+@pytest.mark.parametrize("ignored", [0.0, 0.5])
+def test_a_label_plan_made_before_the_forward_gives_bitwise_the_same_loss_and_gradients(skip_ignored, ignored):
+    hidden, weight, b, labels = _inputs(11, 19, 777, seed=61, bias=True, ignored=ignored)
+    plan = plan_labels(labels, 777, -100, hidden.device, skip_ignored)
+    assert plan.n_valid == int((labels != -100).sum()) and (plan.rows is None) == (not skip_ignored or ignored == 0)
+    fn = _chunked("triton", chunk_rows=4, skip_ignored=skip_ignored)
+    want = _run(fn, hidden, weight, b, labels)
+    calls = []
+    real = ce.plan_labels
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ce, "plan_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = _run(fn, hidden, weight, b, labels, label_plan=plan)
+    assert calls == []  # the plan given is the one used: no second count (and no second host sync)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_a_label_plan_of_other_labels_is_refused():
+    hidden, weight, _, labels = _inputs(6, 4, 20, seed=67, ignored=0.5)
+    with pytest.raises(KernelError, match="same labels"):
+        linear_cross_entropy_chunked(hidden, weight, labels, label_plan=plan_labels(labels[:5], 20, -100, "cpu"))
+    with pytest.raises(KernelError, match="same labels"):
+        linear_cross_entropy_chunked(hidden, weight, labels, ignore_index=-1,
+                                     label_plan=plan_labels(labels, 20, -100, "cpu"))  # fmt: skip
+    with pytest.raises(KernelError, match="skip_ignored=False"):
+        linear_cross_entropy_chunked(hidden, weight, labels, skip_ignored=False,
+                                     label_plan=plan_labels(labels, 20, -100, "cpu"))  # fmt: skip
 
 
 def test_second_backward_through_a_retained_graph_raises_instead_of_double_scaling():

@@ -37,3 +37,31 @@ def test_kernels_match_reference_loss_and_every_gradient(family, layout, tmp_pat
     assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
     for name in ref_grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_the_loss_counts_its_labels_before_the_layers_run(tmp_path, monkeypatch):
+    # The count is the loss's one host sync: made at the start of the step, not after the layers
+    # (velotune.kernels.cross_entropy.plan_labels), so a bad label also stops the step before any layer.
+    from velotune.errors import KernelError
+    from velotune.kernels import cross_entropy
+    from velotune.models import decoder
+
+    save_hf_model("llama", str(tmp_path))
+    model, _ = velotune.FastLanguageModel.from_pretrained(str(tmp_path), dtype=torch.float32, device_map="cpu",
+                                                          full_finetuning=True, progress=False)  # fmt: skip
+    model.train()
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    events = []
+    real_plan, real_layers = cross_entropy.plan_labels, decoder.run_layers
+    monkeypatch.setattr(decoder, "plan_labels", lambda *a, **k: events.append("plan") or real_plan(*a, **k))
+    monkeypatch.setattr(decoder, "run_layers", lambda *a, **k: events.append("layers") or real_layers(*a, **k))
+    monkeypatch.setattr(cross_entropy, "plan_labels", lambda *a, **k: events.append("plan in the loss"))
+    ids, mask, labels = random_batch(2, 9, seed=7, padding="right")
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert events == ["plan", "layers"]
+    events.clear()
+    bad = labels.clone()
+    bad[0, 3] = 10_000
+    with pytest.raises(KernelError, match="outside"):
+        model(input_ids=ids, attention_mask=mask, labels=bad)
+    assert events == ["plan"]

@@ -313,6 +313,43 @@ def _rows_per_chunk(n_rows: int, vocab: int, itemsize: int, chunk_bytes: int) ->
     return max(1, math.ceil(n_rows / n_chunks))
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelPlan:
+    """What the chunked loss reads from the labels before its first chunk (`plan_labels`)."""
+
+    labels: torch.Tensor  # [N] int64, on the loss's device
+    valid_count: torch.Tensor  # 0-d, the count of labels != ignore_index (the mean's denominator)
+    n_valid: int
+    rows: torch.Tensor | None  # indices of the counted rows, when some are ignored and skipped
+    ignore_index: int
+
+
+def plan_labels(
+    labels: torch.Tensor, vocab: int, ignore_index: int, device: torch.device, skip_ignored: bool = True
+) -> LabelPlan:
+    """Counts the labels, checks their range and finds the counted rows: the loss's one host sync.
+
+    Called by the model at the start of its forward rather than by the loss, after the layers: there
+    the sync would wait for the whole forward to finish on the GPU, and the backward would then start
+    with the host no longer ahead of the GPU, so every host-bound stretch of it would leave the GPU
+    idle. At the start of a step it waits for (at most) the previous optimizer step."""
+    labels = labels.reshape(-1).long()
+    valid = labels != ignore_index
+    valid_count = valid.sum()
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    # It decides the chunking, and catches out-of-range labels, which the kernel would otherwise
+    # read out of bounds.
+    n_valid, n_bad = (int(v) for v in torch.stack([valid_count, bad.sum()]).tolist())
+    if n_bad:
+        raise KernelError(
+            f"{n_bad} label(s) lie outside [0, {vocab}) and are not ignore_index={ignore_index}; "
+            "check the tokenizer's vocabulary against the model's LM head."
+        )
+    rows = valid.nonzero().squeeze(1) if skip_ignored and n_valid < labels.numel() else None
+    move = lambda t: t if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return LabelPlan(move(labels), move(valid_count), n_valid, move(rows), ignore_index)
+
+
 def _chunked_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -328,6 +365,7 @@ def _chunked_forward(
     backend: str,
     skip_ignored: bool,
     config: CEConfig = DEFAULT_CE_CONFIG,
+    plan: LabelPlan | None = None,
 ):
     """Loss and the (unscaled by grad_output) gradients of hidden, weight and bias, chunk by chunk."""
     n, _ = hidden.shape
@@ -336,18 +374,9 @@ def _chunked_forward(
     chunk_fn = _softmax_ce_inplace_triton if backend == "triton" else _softmax_ce_inplace_torch
     compute_grad = need_dh or need_dw or need_db
 
-    labels = labels.long()
-    valid = labels != ignore_index
-    valid_count = valid.sum()
-    bad = valid & ((labels < 0) | (labels >= vocab))
-    # One host sync: it decides the chunking and catches out-of-range labels, which the kernel would
-    # otherwise read out of bounds.
-    n_valid, n_bad = (int(v) for v in torch.stack([valid_count, bad.sum()]).tolist())
-    if n_bad:
-        raise KernelError(
-            f"{n_bad} label(s) lie outside [0, {vocab}) and are not ignore_index={ignore_index}; "
-            "check the tokenizer's vocabulary against the model's LM head."
-        )
+    if plan is None:
+        plan = plan_labels(labels, vocab, ignore_index, device, skip_ignored)
+    labels, valid_count, n_valid, rows = plan.labels, plan.valid_count, plan.n_valid, plan.rows
     if num_items_in_batch is None:
         denominator = valid_count.to(torch.float32)
     else:
@@ -355,12 +384,7 @@ def _chunked_forward(
     scale = torch.reciprocal(denominator).reshape(1)
 
     # Row selection: all rows as views, or (when some labels are ignored) only the counted ones.
-    if skip_ignored and n_valid < n:
-        rows = valid.nonzero().squeeze(1)
-        n_work = n_valid
-    else:
-        rows = None
-        n_work = n
+    n_work = n_valid if rows is not None else n
     step = chunk_rows or _rows_per_chunk(n_work, vocab, hidden.element_size(), config.chunk_bytes)
 
     dh = None
@@ -435,10 +459,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         backend: str,
         skip_ignored: bool,
         config: CEConfig = DEFAULT_CE_CONFIG,
+        plan: LabelPlan | None = None,
     ) -> torch.Tensor:
         loss, dh, dw, db = _chunked_forward(
             hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch,
-            need_dh, need_dw, need_db, chunk_rows, backend, skip_ignored, config,
+            need_dh, need_dw, need_db, chunk_rows, backend, skip_ignored, config, plan,
         )  # fmt: skip
         ctx.grads = (dh, dw, db)
         return loss
@@ -455,7 +480,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = None
         # In place: the stored gradients are ours alone, and a second [N, H] / [V, H] buffer is avoided.
         out = tuple(None if g is None else g.mul_(grad_output) for g in (dh, dw, db))
-        return (*out, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy_chunked(
@@ -471,14 +496,17 @@ def linear_cross_entropy_chunked(
     backend: str = "triton",
     skip_ignored: bool = True,
     config: CEConfig = DEFAULT_CE_CONFIG,
+    label_plan: LabelPlan | None = None,
 ) -> torch.Tensor:
     """The chunked algorithm on any device: `backend="triton"` (GPU, or CPU under TRITON_INTERPRET=1)
     or `"torch"` (the same per-chunk math in PyTorch). `chunk_rows` overrides the chunk size (tests)
     and `config.chunk_bytes`; `config` sets the kernel's launch; `skip_ignored=False` runs ignored
-    rows through the GEMMs and the kernel too."""
+    rows through the GEMMs and the kernel too; `label_plan` is `plan_labels(labels, ...)` made
+    earlier (None: made here)."""
     if backend not in ("triton", "torch"):
         raise KernelError(f"backend={backend!r}: expected 'triton' or 'torch'.")
     _check_inputs(hidden, weight, labels, bias)
+    _check_plan(label_plan, labels, ignore_index, skip_ignored)
     grad_on = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(
         hidden,
@@ -495,7 +523,20 @@ def linear_cross_entropy_chunked(
         backend,
         skip_ignored,
         config,
+        label_plan,
     )
+
+
+def _check_plan(plan: LabelPlan | None, labels: torch.Tensor, ignore_index: int, skip_ignored: bool) -> None:
+    if plan is None:
+        return
+    if plan.labels.shape != (labels.numel(),) or plan.ignore_index != ignore_index:
+        raise KernelError(
+            f"label_plan was made for {plan.labels.numel()} labels with ignore_index={plan.ignore_index}, "
+            f"not these {labels.numel()} with ignore_index={ignore_index}: make it from the same labels."
+        )
+    if not skip_ignored and plan.rows is not None:
+        raise KernelError("label_plan selects counted rows, but skip_ignored=False: make it with skip_ignored=False.")
 
 
 def _check_inputs(
@@ -549,8 +590,12 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     logit_softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    label_plan: LabelPlan | None = None,
 ) -> torch.Tensor:
-    """Mean (or sum / num_items_in_batch) cross-entropy of softmax(hidden @ weight.T + bias) vs labels."""
+    """Mean (or sum / num_items_in_batch) cross-entropy of softmax(hidden @ weight.T + bias) vs labels.
+
+    label_plan: `plan_labels` of these labels, made before the forward so the fused path does not
+    wait for the GPU at the loss (the reference path does not use it)."""
     _check_inputs(hidden, weight, labels, bias)
     if use_triton(hidden, weight, labels, bias):
         return linear_cross_entropy_chunked(
@@ -561,6 +606,7 @@ def fused_linear_cross_entropy(
             ignore_index=ignore_index,
             logit_softcap=logit_softcap,
             num_items_in_batch=num_items_in_batch,
+            label_plan=label_plan,
         )
     return linear_cross_entropy_reference(
         hidden,

@@ -8,7 +8,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from velotune.errors import DataError
-from velotune.kernels.cross_entropy import fused_linear_cross_entropy
+from velotune.kernels._dispatch import use_triton
+from velotune.kernels.cross_entropy import fused_linear_cross_entropy, plan_labels
 from velotune.memory.checkpoint import run_layers
 from velotune.models.kv_cache import StaticKVCache
 from velotune.models.layers import DecoderLayer, RMSNorm
@@ -167,17 +168,25 @@ class DecoderModel(nn.Module):
         In training mode with labels, logits are not computed (the loss never needs them whole);
         pass return_logits=True to get them anyway.
         """
+        plan = None
+        if labels is not None:
+            head = self.lm_head_weight
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(head.device)
+            if use_triton(head):
+                # The loss's host sync (counting the labels), here at the start of the step, where it
+                # waits for nothing, and not after the layers (velotune.kernels.cross_entropy.plan_labels).
+                plan = plan_labels(shifted, head.shape[0], IGNORE_INDEX, head.device)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cu_seqlens, past_key_values)
         loss = None
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             loss = fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
                 self.lm_head_weight,
-                shifted.reshape(-1).to(hidden.device),
+                shifted,
                 ignore_index=IGNORE_INDEX,
                 logit_softcap=self.spec.final_logit_softcap,
                 num_items_in_batch=num_items_in_batch,
+                label_plan=plan,
             )
         if return_logits is None:
             return_logits = labels is None or not self.training
