@@ -43,7 +43,8 @@ def analyse(events: list[dict], min_us: float, top: int) -> dict:
     ks = sorted(by_stream[stream], key=lambda k: k["ts"])
     launch_of = {}
     for e in events:
-        if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and e.get("name") in LAUNCHES:
+        # Triton launches through the driver API (category "cuda_driver"), cuBLAS and ATen through the runtime.
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("name") in LAUNCHES:
             corr = e.get("args", {}).get("correlation")
             if corr is not None:
                 launch_of[corr] = e
@@ -81,14 +82,14 @@ def analyse(events: list[dict], min_us: float, top: int) -> dict:
         phase = "forward" if nxt["ts"] < backward_start else "backward"
         launch = launch_of.get(nxt.get("args", {}).get("correlation"))
         late = launch is not None and launch["ts"] + launch["dur"] > prev["ts"] + prev["dur"]
-        cause = "host late" if late else "waiting"
+        cause = "host late" if late else ("waiting" if launch is not None else "no launch")
         totals[phase] += gap
         by_cause[(phase, cause)] += gap
         if late:
             inner, outer = enclosing(launch["ts"], launch.get("tid"))
             by_place[(phase, outer, inner)] += gap
         else:
-            by_place[(phase, "(waiting)", nxt["name"][:60])] += gap
+            by_place[(phase, f"({cause})", nxt["name"][:60])] += gap
     span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
     busy = sum(k["dur"] for k in ks)
     return {
