@@ -353,3 +353,20 @@ def test_checkpointed_lora_training_on_the_fused_path_gives_bitwise_the_plain_lo
     for name in ref_grads:
         assert ref_grads[name].abs().max() > 0, name
         assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_factors_cast_in_one_go_equal_their_own_casts_and_keep_none_and_matching_dtypes():
+    from velotune.kernels.lora import cast_factors, with_cast_factors
+
+    gen = torch.Generator().manual_seed(11)
+    a, b1, b2 = torch.randn(6, 9, generator=gen), torch.randn(5, 2, generator=gen), torch.randn(4, 4, generator=gen)
+    half = torch.randn(3, 3, generator=gen).bfloat16()
+    got = cast_factors([a, None, b1, half, b2], [torch.bfloat16, torch.bfloat16, torch.float16, torch.bfloat16,
+                                                 torch.float32])  # fmt: skip
+    assert torch.equal(got[0], a.bfloat16()) and got[0].dtype == torch.bfloat16
+    assert got[1] is None and got[3] is half and got[4] is b2  # nothing to cast: the same tensor
+    assert torch.equal(got[2], b1.half())
+    parts = [(None, None, a, (b1,), "layout-q", 0.0), (None, None, None, (), "layout-o", 0.0)]
+    cast = with_cast_factors(parts, [torch.bfloat16, torch.bfloat16])
+    assert cast[0][2].dtype == cast[0][3][0].dtype == torch.bfloat16 and cast[0][4:] == ("layout-q", 0.0)
+    assert cast[1] == (None, None, None, (), "layout-o", 0.0)

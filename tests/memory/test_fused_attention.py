@@ -181,3 +181,38 @@ def test_the_hand_written_attention_half_steps_aside_where_it_would_not_compute_
         save_hf_model(family, str(tmp_path / family))
         other = velotune_lora_model(str(tmp_path / family))
         assert fused_attention_block(other.layers[0], x, cos.detach(), sin, mask, cu) is None
+
+
+def test_in_bf16_with_float32_factors_the_one_go_casts_give_bitwise_the_module_path(
+    folders, triton_everywhere, monkeypatch
+):
+    # A bf16 model keeps float32 LoRA factors (as PEFT does): both fused halves cast a layer's factors
+    # in one multi-tensor copy per pass (velotune.kernels.lora.cast_factors) instead of one cast each.
+    import velotune
+
+    base, _ = velotune.FastLanguageModel.from_pretrained(folders["llama"], dtype=torch.bfloat16, device_map="cpu",
+                                                         progress=False)  # fmt: skip
+    model = velotune.FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, target_modules="all-linear",
+                                                      use_gradient_checkpointing=False).train()  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
+    ids, mask, labels = random_batch(2, 9, seed=8, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or real(dst, src))
+    for policy in ("full", "save_mlp"):
+        copies.clear()
+        model.gradient_checkpointing, model.checkpoint_policy = "offload", policy
+        loss, grads = loss_and_grads(model, batch)
+        assert torch.equal(loss, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+        # One copy per half and pass: q/k/v's A and three Bs with o's A and B (6), gate/up's A and two
+        # Bs with down's A and B (5); the backward runs the MLP half first under "save_mlp".
+        backward = [6, 5] if policy == "full" else [5, 6]
+        assert copies == [6, 5] * len(model.layers) + backward * len(model.layers)

@@ -150,6 +150,36 @@ def _split(t: torch.Tensor, sizes: tuple[int, ...]) -> Sequence[torch.Tensor]:
     return (t,) if len(sizes) == 1 else t.split_with_sizes(sizes, 1)
 
 
+def cast_factors(tensors: Sequence[torch.Tensor | None], dtypes: Sequence[torch.dtype]) -> list:
+    """Each tensor in its dtype (None stays None; one already in it is returned as is). The casts run
+    as one multi-tensor copy: one kernel on CUDA for a whole layer's LoRA factors, where casting each
+    one cost a launch (and ~15-25 us of host time) per factor per pass, ~1,000 per 8B QLoRA step
+    (benchmarks/NOTES.md, session 6). Rounding is that of `Tensor.to`: the same values."""
+    out = list(tensors)
+    todo = [i for i, (t, d) in enumerate(zip(out, dtypes)) if t is not None and t.dtype != d]
+    if todo:
+        dst = [torch.empty(out[i].shape, dtype=dtypes[i], device=out[i].device) for i in todo]
+        with torch.no_grad():
+            torch._foreach_copy_(dst, [out[i] for i in todo])
+        for i, t in zip(todo, dst):
+            out[i] = t
+    return out
+
+
+def with_cast_factors(parts: Sequence[tuple], dtypes: Sequence[torch.dtype]) -> list[tuple]:
+    """`lora_parts()` tuples of several projections with each one's A and Bs in its dtype (the dtype
+    of the activations that projection computes in), all cast by one `cast_factors`. The tuples keep
+    their weight, bias, layout and dropout; gradients still go to (and take the dtype of) the
+    original factors, which callers keep."""
+    flat, flat_dtypes = [], []
+    for (_, _, a, bs, _, _), dtype in zip(parts, dtypes):
+        flat += [a, *bs]
+        flat_dtypes += [dtype] * (1 + len(bs))
+    cast = iter(cast_factors(flat, flat_dtypes))
+    return [(w, b, next(cast), tuple(next(cast) for _ in bs), layout, dropout)
+            for w, b, _, bs, layout, dropout in parts]  # fmt: skip
+
+
 def lora_branch_inputs(x_lora2: torch.Tensor, lora_a, layout: LoraLayout, lora_bs):
     """(A, x A^T, [B_i]) in x's dtype for the LoRA branch of [T, in] rows (None, None, () without LoRA)."""
     if not layout.blocks:

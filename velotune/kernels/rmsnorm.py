@@ -174,7 +174,7 @@ def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _output_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
+def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
     # Same as the reference: the Llama form multiplies by the weight in the promoted dtype.
     return torch.promote_types(x.dtype, weight.dtype) if offset == 0.0 else x.dtype
 
@@ -193,7 +193,7 @@ def rms_norm_forward(
         raise KernelError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({hidden},).")
     x2 = _as_rows(x, hidden)
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, hidden), dtype=_output_dtype(x, weight, offset), device=x.device)
+    y = torch.empty((n_rows, hidden), dtype=rms_norm_output_dtype(x, weight, offset), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)

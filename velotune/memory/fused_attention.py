@@ -37,8 +37,9 @@ from velotune.kernels.lora import (
     lora_branch_inputs,
     lora_factor_grads,
     lora_input_grad,
+    with_cast_factors,
 )
-from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
+from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
 
 
@@ -59,6 +60,7 @@ class AttentionRecompute:
     v: torch.Tensor
     out: torch.Tensor  # the attention output [B, T, heads, head_dim], with that graph
     dtypes: tuple[torch.dtype, torch.dtype]  # q's and k's dtypes before the rotation
+    o_parts: tuple  # o's `lora_parts()` with its factors cast to the attention output's dtype
 
 
 class FusedAttentionBlock:
@@ -72,7 +74,45 @@ class FusedAttentionBlock:
         self.qkv, self.o = qkv_parts, o_parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.attention_block(x, self.cos, self.sin, self.key_padding_mask, self.cu_seqlens)
+        """x + attention(...); without grad mode (the first forward of a checkpointed layer) by the same
+        ops as the recomputation, with the layer's LoRA factors cast in one go."""
+        if torch.is_grad_enabled():
+            return self.layer.attention_block(x, self.cos, self.sin, self.key_padding_mask, self.cu_seqlens)
+        qkv_parts, o_parts = self._cast_parts(x)
+        _, _, _, q, k, v, _ = self._project_qkv(x, qkv_parts)
+        return x + self._o_forward(self._attend(q, k, v), o_parts).view(x.shape)
+
+    def _cast_parts(self, x: torch.Tensor) -> list[tuple]:
+        """q/k/v's and o's parts with their LoRA factors in the dtype each computes in: the attention
+        norm's output dtype, and the rotated q's (hence the attention output's)."""
+        normed = rms_norm_output_dtype(x, self.norm.weight, self.norm.offset)
+        return with_cast_factors((self.qkv, self.o), (normed, torch.promote_types(normed, self.cos.dtype)))
+
+    def _project_qkv(self, x: torch.Tensor, qkv_parts: tuple):
+        """(normed rows, rstd, q/k/v's LoRA pieces, rotated q, rotated k, v, q's and k's dtypes before
+        the rotation), without a graph."""
+        spec = self.spec
+        batch, seq = x.shape[:2]
+        with torch.no_grad():
+            normed, rstd = rms_norm_forward(x, self.norm.weight, self.norm.eps, self.norm.offset)
+            normed = _rows(normed)
+            w, b, a, bs, layout, _ = qkv_parts
+            qkv, a_c, xa, bs_c = _fused_forward(normed, None, w, b, a, layout, bs)
+            q, k, v = qkv.view(batch, seq, -1).split((spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
+            q = q.view(batch, seq, spec.num_heads, spec.head_dim)
+            k = k.view(batch, seq, spec.num_kv_heads, spec.head_dim)
+            v = v.view(batch, seq, spec.num_kv_heads, spec.head_dim)
+            dtypes = (q.dtype, k.dtype)
+            # As `RotaryFunction` rotates them: new tensors, in the promoted dtypes.
+            q, k = rope_launch(q, k, self.cos, self.sin, torch.promote_types(q.dtype, self.cos.dtype),
+                               torch.promote_types(k.dtype, self.cos.dtype))  # fmt: skip
+        return normed, rstd, (a_c, xa, bs_c), q, k, v, dtypes
+
+    def _o_forward(self, out: torch.Tensor, o_parts: tuple) -> torch.Tensor:
+        """o's output [T, hidden] from the attention output, without a graph."""
+        w, b, a, bs, layout, _ = o_parts
+        with torch.no_grad():
+            return _fused_forward(out.detach().reshape(-1, self.spec.q_size), None, w, b, a, layout, bs)[0]
 
     def trains(self, params: Sequence[torch.Tensor], parts: tuple | None = None) -> bool:
         """Whether any of params is a LoRA factor of this half (or of one projection's `parts`): then
@@ -87,31 +127,15 @@ class FusedAttentionBlock:
 
     def recompute(self, x: torch.Tensor, need_output: bool) -> tuple[AttentionRecompute, torch.Tensor | None]:
         """The half's intermediates from its input x, and its output x + o(...) when need_output."""
-        spec = self.spec
-        batch, seq = x.shape[:2]
-        with torch.no_grad():
-            normed, rstd = rms_norm_forward(x, self.norm.weight, self.norm.eps, self.norm.offset)
-            normed = _rows(normed)
-            w, b, a, bs, layout, _ = self.qkv
-            qkv, a_c, xa, bs_c = _fused_forward(normed, None, w, b, a, layout, bs)
-            q, k, v = qkv.view(batch, seq, -1).split((spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
-            q = q.view(batch, seq, spec.num_heads, spec.head_dim)
-            k = k.view(batch, seq, spec.num_kv_heads, spec.head_dim)
-            v = v.view(batch, seq, spec.num_kv_heads, spec.head_dim)
-            dtypes = (q.dtype, k.dtype)
-            # As `RotaryFunction` rotates them: new tensors, in the promoted dtypes.
-            q, k = rope_launch(q, k, self.cos, self.sin, torch.promote_types(q.dtype, self.cos.dtype),
-                               torch.promote_types(k.dtype, self.cos.dtype))  # fmt: skip
+        qkv_parts, o_parts = self._cast_parts(x)
+        normed, rstd, qkv_lora, q, k, v, dtypes = self._project_qkv(x, qkv_parts)
         q, k, v = q.requires_grad_(), k.requires_grad_(), v.detach().requires_grad_()
         with torch.enable_grad():
             out = self._attend(q, k, v)
-        state = AttentionRecompute(x, normed, rstd, (a_c, xa, bs_c), q, k, v, out, dtypes)
+        state = AttentionRecompute(x, normed, rstd, qkv_lora, q, k, v, out, dtypes, o_parts)
         if not need_output:
             return state, None
-        with torch.no_grad():
-            w, b, a, bs, layout, _ = self.o
-            y = _fused_forward(out.detach().reshape(batch * seq, spec.q_size), None, w, b, a, layout, bs)[0]
-            return state, x + y.view(x.shape)
+        return state, x + self._o_forward(out, o_parts).view(x.shape)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`Attention.forward`'s attention call, batch layout included."""
@@ -149,7 +173,7 @@ class FusedAttentionBlock:
             if dy2.stride(-1) != 1:
                 dy2 = dy2.contiguous()
             attn2 = out.detach().reshape(-1, spec.q_size)
-            w_o, _, a_o, bs_o, layout_o, _ = self.o
+            w_o, _, a_o, bs_o, layout_o, _ = state.o_parts
             a_c, xa, bs_c = lora_branch_inputs(attn2, a_o, layout_o, bs_o)
             dyb = factor_grads(self.o, dy2, attn2, xa, a_c, bs_c)
             del xa

@@ -40,8 +40,9 @@ from velotune.kernels.lora import (
     lora_branch_inputs,
     lora_factor_grads,
     lora_input_grad,
+    with_cast_factors,
 )
-from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
+from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.memory.tiled import token_tiles
 
 
@@ -64,11 +65,18 @@ class FusedMLPBlock:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer.mlp_block(x)
 
-    def _gate_up_act(self, xt: torch.Tensor, gu: torch.Tensor | None = None):
+    def _cast_parts(self, x: torch.Tensor) -> tuple[tuple, tuple]:
+        """The gate/up and down parts with their LoRA factors in the dtype each computes in (the MLP
+        norm's output dtype, which the activation keeps), cast once for all the tiles of a pass."""
+        dtype = rms_norm_output_dtype(x, self.norm.weight, self.norm.offset)
+        gate_up, down = with_cast_factors((self.gate_up, self.down), (dtype, dtype))
+        return gate_up, down
+
+    def _gate_up_act(self, xt: torch.Tensor, gate_up: tuple, gu: torch.Tensor | None = None):
         """(normed, rstd, gate/up output, its LoRA pieces, activation) of one tile; with `gu` (the
         tile's gate/up output kept from the forward) the gate/up GEMMs are skipped."""
         n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset)
-        w, b, a, bs, layout, _ = self.gate_up
+        w, b, a, bs, layout, _ = gate_up
         if gu is None:
             gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
         else:
@@ -85,10 +93,11 @@ class FusedMLPBlock:
         rows = _rows(x)
         out = torch.empty_like(rows)
         kept = []
-        w, b, a, bs, layout, _ = self.down
+        gate_up, down = self._cast_parts(x)
+        w, b, a, bs, layout, _ = down
         for start, end in token_tiles(rows.shape[0], tile_tokens):
             xt = rows[start:end]
-            _, _, gu, _, act = self._gate_up_act(xt)
+            _, _, gu, _, act = self._gate_up_act(xt, gate_up)
             if keep is not None:
                 kept.append(keep(gu))
             del gu
@@ -133,7 +142,8 @@ class FusedMLPBlock:
 
         gu_dtypes, down_dtypes = wanted(self.gate_up), wanted(self.down)
         w_gu, w_down = self.gate_up[0], self.down[0]
-        a_down, bs_down, layout_down = self.down[2], self.down[3], self.down[4]
+        gate_up, down = self._cast_parts(x)  # the compute copies; gradients go to self.gate_up/down's
+        a_down, bs_down, layout_down = down[2], down[3], down[4]
         tiles = token_tiles(rows.shape[0], tile_tokens)
         if kept_gate_up is not None and len(kept_gate_up) != len(tiles):
             raise KernelError(
@@ -147,7 +157,7 @@ class FusedMLPBlock:
         for k, (start, end) in enumerate(tiles):
             xt, dyt = rows[start:end], d_rows[start:end]
             gu_kept, kept[k] = kept[k], None  # dropped from the list as each tile is used
-            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt, gu_kept)
+            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt, gate_up, gu_kept)
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)
