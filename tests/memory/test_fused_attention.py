@@ -132,12 +132,21 @@ def loss_and_grads(model, batch):
         ("llama", True, True, "full"),
         ("mixtral", False, True, "full"),  # a routed MLP after the hand-written attention half
         ("mistral", False, "offload", "save_mlp"),
+        ("llama", "whole", "offload", "full"),  # 4-bit q/k/v dequantized whole for its GEMMs
+        ("llama", "whole", "offload", "save_mlp"),
     ],
 )
 def test_checkpointed_training_through_the_hand_written_attention_half_gives_bitwise_the_plain_gradients(
     folders, triton_everywhere, monkeypatch, family, load_in_4bit, mode, policy
 ):
-    model = velotune_lora_model(folders[family], load_in_4bit=load_in_4bit)
+    model = velotune_lora_model(folders[family], load_in_4bit=bool(load_in_4bit))
+    if load_in_4bit == "whole":
+        # The zoo's q/k/v (9,600 values) is larger than its largest block (5,760): raise the limit so
+        # the 4-bit weights take the whole-weight path (velotune.quant.nf4_weight).
+        from velotune.quant.nf4_weight import NF4Weight
+
+        for weight in (m for m in model.modules() if isinstance(m, NF4Weight)):
+            weight.whole_numel_limit = weight.numel()
     ids, mask, labels = random_batch(2, 11, seed=6, padding="right")
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     ref_loss, ref_grads = loss_and_grads(model, batch)
@@ -177,6 +186,31 @@ def test_the_hand_written_attention_half_steps_aside_where_it_would_not_compute_
     assert fused_attention_block(layer, x, cos.requires_grad_(), sin, mask, cu) is None  # trained angles
     dropped = velotune_lora_model(folders["llama"], dropout=0.1)
     assert fused_attention_block(dropped.layers[0], x, cos.detach(), sin, mask, cu) is None  # LoRA dropout
+    # A hook (on one of the half's modules, or on every module) changes what the forward computed,
+    # which the kernels called directly would not see.
+    for module in (layer.attn_norm, layer.attn, layer.attn.qkv, layer.attn.o_proj):
+        handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+        try:
+            assert fused_attention_block(layer, x, cos.detach(), sin, mask, cu) is None
+        finally:
+            handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, args: None)
+    try:
+        assert fused_attention_block(layer, x, cos.detach(), sin, mask, cu) is None
+    finally:
+        handle.remove()
+    assert fused_attention_block(layer, x, cos.detach(), sin, mask, cu) is not None
+
+    class OwnAttention(type(layer.attn)):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    real_class = type(layer.attn)
+    layer.attn.__class__ = OwnAttention
+    try:
+        assert fused_attention_block(layer, x, cos.detach(), sin, mask, cu) is None  # an overridden forward
+    finally:
+        layer.attn.__class__ = real_class
     for family in ("qwen3", "gemma2"):  # q/k norms; sandwich norms
         save_hf_model(family, str(tmp_path / family))
         other = velotune_lora_model(str(tmp_path / family))
@@ -213,6 +247,7 @@ def test_in_bf16_with_float32_factors_the_one_go_casts_give_bitwise_the_module_p
         assert grads.keys() == ref_grads.keys()
         assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
         # One copy per half and pass: q/k/v's A and three Bs with o's A and B (6), gate/up's A and two
-        # Bs with down's A and B (5); the backward runs the MLP half first under "save_mlp".
-        backward = [6, 5] if policy == "full" else [5, 6]
+        # Bs with down's A and B (5); in the backward, one more per half for their gradients back to
+        # float32 (the MLP half runs first under "save_mlp").
+        backward = [6, 5, 5, 6] if policy == "full" else [5, 5, 6, 6]
         assert copies == [6, 5] * len(model.layers) + backward * len(model.layers)

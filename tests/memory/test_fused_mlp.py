@@ -164,6 +164,13 @@ def test_the_fused_mlp_steps_aside_where_it_would_not_compute_what_the_modules_d
         assert fused_mlp_block(layer, x) is None  # a trained norm weight needs its gradient
     finally:
         layer.mlp_norm.weight.requires_grad_(False)
+    for module in (layer.mlp_norm, layer.mlp, layer.mlp.gate_up, layer.mlp.down_proj):
+        handle = module.register_forward_hook(lambda mod, args, out: out * 0.5)
+        try:
+            assert fused_mlp_block(layer, x) is None  # a hook the kernels called directly would skip
+        finally:
+            handle.remove()
+    assert fused_mlp_block(layer, x) is not None
     dropped = lora_model(folder, dropout=0.1)
     assert fused_mlp_block(dropped.layers[0], x) is None  # LoRA dropout in training
     assert fused_mlp_block(dropped.eval().layers[0], x) is not None  # ... but not in evaluation

@@ -306,3 +306,16 @@ def test_every_suggestion_fits_by_the_planner_with_the_largest_micro_batch_that_
 
     unknown = faults.suggestions(model.spec, settings, accumulation=1, capacity=None)
     assert [o.settings["batch"] for o in unknown] == [4, 8, 8, 8]  # half the batch; each change as it is
+
+
+def test_the_settings_of_a_run_with_lora_dropout_plan_both_halves_through_autograd(folder):
+    # The hand-written MLP and attention halves step aside under LoRA dropout: the estimate behind an
+    # out-of-memory report must count what autograd keeps instead.
+    plain = faults.run_settings(lora(folder), "adamw", 2, 16)
+    assert "fused_mlp" not in plain and "fused_attention" not in plain
+    model = velotune.FastLanguageModel.get_peft_model(fresh(folder), r=4, lora_alpha=8, lora_dropout=0.1,
+                                                      use_gradient_checkpointing=True, random_state=1)  # fmt: skip
+    dropped = faults.run_settings(model, "adamw", 2, 16)
+    assert dropped["fused_mlp"] is False and dropped["fused_attention"] is False
+    assert estimate_memory(model.spec, **dropped).total > estimate_memory(model.spec, **{**dropped, **{
+        "fused_mlp": None, "fused_attention": None}}).total  # fmt: skip

@@ -181,6 +181,8 @@ class _Segment:
         grads: the tail's, when it ran first from its kept input."""
         head = self.head
         needs_dh = need_dx or head.trains(self.params)
+        if dh is not None and not needs_dh:
+            return None, grads  # the tail ran first and nothing in or below the head wants a gradient
         # The head's output is the tail's input: recomputed only when the tail was not differentiated yet.
         state, h = head.recompute(x, need_output=dh is None)
         if dh is None:

@@ -34,6 +34,7 @@ from velotune.kernels.attention import attention
 from velotune.kernels.lora import (
     _fused_forward,
     _rows,
+    cast_factors,
     lora_branch_inputs,
     lora_factor_grads,
     lora_input_grad,
@@ -41,6 +42,8 @@ from velotune.kernels.lora import (
 )
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
+from velotune.memory.fused_mlp import modules_run_plainly
+from velotune.models.layers import Attention, DecoderLayer, RMSNorm
 
 
 def _frozen(t) -> bool:
@@ -154,17 +157,24 @@ class FusedAttentionBlock:
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Gradients of <half(x), dy> for x (when need_dx) and params (one gradient or None each)."""
         index = {id(p): i for i, p in enumerate(params)}
-        grads: list[torch.Tensor | None] = [None] * len(params)
+        found: list[tuple[int, torch.Tensor]] = []
 
         def factor_grads(parts, dy2, x2, xa, a_c, bs_c):
+            # Each wanted gradient stays in the GEMMs' dtype (dy2's) until `finish` casts them all.
             _, _, a, bs, layout, _ = parts
-            a_dtype = a.dtype if a is not None and id(a) in index else None
-            b_dtypes = [b.dtype if id(b) in index else None for b in bs]
+            a_dtype = dy2.dtype if a is not None and id(a) in index else None
+            b_dtypes = [dy2.dtype if id(b) in index else None for b in bs]
             dyb, da, dbs = lora_factor_grads(dy2, x2, xa, a_c, bs_c, layout, a_dtype, b_dtypes)
-            for p, g in zip((a, *bs), (da, *dbs)):
-                if g is not None:
-                    grads[index[id(p)]] = g
+            found.extend((index[id(p)], g) for p, g in zip((a, *bs), (da, *dbs)) if g is not None)
             return dyb
+
+        def finish(dx):
+            # The parameters' gradients in their own dtypes, cast in one multi-tensor copy.
+            grads: list[torch.Tensor | None] = [None] * len(params)
+            cast = cast_factors([g for _, g in found], [params[i].dtype for i, _ in found])
+            for (i, _), g in zip(found, cast):
+                grads[i] = g
+            return dx, grads
 
         spec = self.spec
         x, out = state.x, state.out
@@ -180,7 +190,7 @@ class FusedAttentionBlock:
             d_out = lora_input_grad(dy2, w_o, dyb, a_c).view(out.shape)
             del dyb, attn2
         if not need_dx and not self.trains(params, self.qkv):
-            return None, grads  # nothing below o needs a gradient
+            return finish(None)  # nothing below o needs a gradient
         dq, dk, dv = torch.autograd.grad(out, (state.q, state.k, state.v), d_out)
         del d_out, out
         state.out = state.q = state.k = state.v = None
@@ -195,14 +205,14 @@ class FusedAttentionBlock:
             dyb = factor_grads(self.qkv, dqkv, state.normed, xa, a_c, bs_c)
             state.qkv_lora = None
             if not need_dx:
-                return None, grads
+                return finish(None)
             d_normed = lora_input_grad(dqkv, w_qkv, dyb, a_c)
             del dqkv, dyb
             state.normed = None
             dx = rms_norm_backward(
                 d_normed.view(x.shape), x, self.norm.weight, state.rstd, self.norm.offset, False
             )[0]
-            return dx.add_(dy), grads
+            return finish(dx.add_(dy))
 
 
 def fused_attention_block(
@@ -218,6 +228,9 @@ def fused_attention_block(
     if not hasattr(qkv, "lora_parts") or not hasattr(o, "lora_parts"):
         return None
     norm = layer.attn_norm
+    plain = (norm, RMSNorm), (attn, Attention), (qkv, None), (o, None)
+    if type(layer).attention_block is not DecoderLayer.attention_block or not modules_run_plainly(*plain):
+        return None
     if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
         return None
     if cos.requires_grad or sin.requires_grad:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from velotune.errors import KernelError
 from velotune.kernels._dispatch import use_triton
@@ -39,11 +40,13 @@ from velotune.kernels.lora import (
     _rows,
     lora_branch_inputs,
     lora_factor_grads,
+    cast_factors,
     lora_input_grad,
     with_cast_factors,
 )
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.memory.tiled import token_tiles
+from velotune.models.layers import MLP, DecoderLayer, RMSNorm
 
 
 def _frozen(t) -> bool:
@@ -126,21 +129,22 @@ class FusedMLPBlock:
         index = {id(p): i for i, p in enumerate(params)}
         grads: list[torch.Tensor | None] = [None] * len(params)
 
-        def wanted(parts):
-            # Which LoRA factors get a gradient, and in which dtype (the parameter's own).
+        def wanted(parts, dtype):
+            # Which LoRA factors get a gradient. It stays in the GEMMs' dtype until `add` casts the
+            # tile's gradients to their parameters' dtypes, all in one multi-tensor copy.
             _, _, a, bs, _, _ = parts
-            a_dtype = a.dtype if a is not None and id(a) in index else None
-            return a_dtype, [b.dtype if id(b) in index else None for b in bs]
+            a_dtype = dtype if a is not None and id(a) in index else None
+            return a_dtype, [dtype if id(b) in index else None for b in bs]
 
-        def add(parts, da, dbs):
+        def collect(parts, da, dbs, tile_grads):
             _, _, a, bs, _, _ = parts
-            for p, g in zip((a, *bs), (da, *dbs)):
-                if g is None:
-                    continue
-                i = index[id(p)]
+            tile_grads += [(index[id(p)], g) for p, g in zip((a, *bs), (da, *dbs)) if g is not None]
+
+        def add(tile_grads):
+            cast = cast_factors([g for _, g in tile_grads], [params[i].dtype for i, _ in tile_grads])
+            for (i, _), g in zip(tile_grads, cast):
                 grads[i] = g if grads[i] is None else grads[i].add_(g)
 
-        gu_dtypes, down_dtypes = wanted(self.gate_up), wanted(self.down)
         w_gu, w_down = self.gate_up[0], self.down[0]
         gate_up, down = self._cast_parts(x)  # the compute copies; gradients go to self.gate_up/down's
         a_down, bs_down, layout_down = down[2], down[3], down[4]
@@ -161,14 +165,18 @@ class FusedMLPBlock:
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)
-            dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *down_dtypes)
-            add(self.down, da, dbs)
+            tile_grads: list = []
+            dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *wanted(self.down, dyt.dtype))
+            collect(self.down, da, dbs, tile_grads)
             del act, xa  # d(activation) below takes the activation's memory
             d_act = lora_input_grad(dyt, w_down, dyb, a_c)
             dgu = gated_activation_backward(d_act, gu, self.activation, in_place=True)
             del d_act, gu
-            dyb, da, dbs = lora_factor_grads(dgu, n, xa_gu, a_gu, bs_gu, self.gate_up[4], *gu_dtypes)
-            add(self.gate_up, da, dbs)
+            dyb, da, dbs = lora_factor_grads(dgu, n, xa_gu, a_gu, bs_gu, self.gate_up[4],
+                                             *wanted(self.gate_up, dgu.dtype))  # fmt: skip
+            collect(self.gate_up, da, dbs, tile_grads)
+            add(tile_grads)
+            del tile_grads
             if not need_dx:
                 continue
             dn = lora_input_grad(dgu, w_gu, dyb, a_gu)
@@ -181,6 +189,23 @@ class FusedMLPBlock:
         return (dx.view(x.shape) if dx is not None else None), grads
 
 
+def modules_run_plainly(*modules) -> bool:
+    """Whether calling these modules runs their forward and nothing else: no forward hooks or pre-hooks
+    on them, none registered for every module, and no subclass overriding the forward of the class
+    named in each (module, class) pair. The hand-written halves call the kernels directly, so they
+    would skip what a hook or an override does to the forward, and their recomputation would no
+    longer be the forward's."""
+    hooks = nn.modules.module
+    if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
+        return False
+    for module, cls in modules:
+        if getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
+            return False
+        if cls is not None and type(module).forward is not cls.forward:
+            return False
+    return True
+
+
 def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
     """The fused MLP half of `layer` where it computes what `layer.mlp_block` would, else None."""
     mlp = getattr(layer, "mlp", None)
@@ -191,6 +216,9 @@ def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
     if not hasattr(gate_up, "lora_parts") or not hasattr(down, "lora_parts"):
         return None  # a routed MoE, or another MLP
     norm = layer.mlp_norm
+    plain = (norm, RMSNorm), (mlp, MLP), (gate_up, None), (down, None)
+    if type(layer).mlp_block is not DecoderLayer.mlp_block or not modules_run_plainly(*plain):
+        return None
     if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
         return None
     parts = gate_up.lora_parts(), down.lora_parts()

@@ -273,6 +273,9 @@ def run_settings(model: nn.Module, optim: str, batch: int, seq: int) -> dict:
     if adapter:
         settings["lora_r"] = model.lora_settings.r
         settings["target_modules"] = _lora_targets(model)
+        if model.lora_settings.lora_dropout > 0:
+            # The hand-written MLP and attention halves step aside under LoRA dropout (autograd runs).
+            settings.update(fused_mlp=False, fused_attention=False)
     return settings
 
 
