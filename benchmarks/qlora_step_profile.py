@@ -33,7 +33,10 @@ from benchmarks.profile_step import CATEGORIES as STEP_CATEGORIES  # noqa: E402
 from benchmarks.profile_step import categorize as categorize_among  # noqa: E402
 from benchmarks.qlora_70b import build_random_qlora_model  # noqa: E402
 from benchmarks.shapes import model_config  # noqa: E402
+import velotune.kernels.lora as lora_module  # noqa: E402
 import velotune.memory.checkpoint as checkpoint_module  # noqa: E402
+import velotune.memory.fused_attention as fused_attention_module  # noqa: E402
+import velotune.memory.fused_mlp as fused_mlp_module  # noqa: E402
 from velotune import FastLanguageModel  # noqa: E402
 from velotune.memory.planner import estimate_memory  # noqa: E402
 
@@ -42,6 +45,7 @@ MODEL = "llama-3.1-8b"
 # profile_step's op families, with the two this step adds in front of them.
 CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset"), *STEP_CATEGORIES]
 AUTOGRAD_ATTENTION = "autograd attention half"
+PER_FACTOR_CASTS = "a cast per LoRA factor"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -56,8 +60,16 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     # velotune.memory.fused_attention (the label says so; see `configure`).
     (f"offload, full, {AUTOGRAD_ATTENTION}", "offload", "full", None),
     (f"offload, save_mlp, 16 kept, {AUTOGRAD_ATTENTION}", "offload", "save_mlp", 16),
+    # The LoRA factors (and their gradients) cast one at a time, as before kernels.lora.cast_factors.
+    (f"offload, full, {PER_FACTOR_CASTS}", "offload", "full", None),
+    (f"offload, save_mlp, 16 kept, {PER_FACTOR_CASTS}", "offload", "save_mlp", 16),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
+CAST_FACTORS = lora_module.cast_factors
+
+
+def _cast_each(tensors, dtypes):
+    return [t if t is None or t.dtype == d else t.to(d) for t, d in zip(tensors, dtypes)]
 
 
 def configure(model, index: int) -> tuple[str, object, str, int | None]:
@@ -68,6 +80,9 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     # the comparison swaps the checkpoint module's lookup for one that always declines.
     autograd = label.endswith(AUTOGRAD_ATTENTION)
     checkpoint_module.fused_attention_block = (lambda *args: None) if autograd else HAND_WRITTEN_ATTENTION
+    cast = _cast_each if label.endswith(PER_FACTOR_CASTS) else CAST_FACTORS
+    for module in (lora_module, fused_mlp_module, fused_attention_module):
+        module.cast_factors = cast
     return label, mode, policy, kept
 
 
