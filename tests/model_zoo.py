@@ -121,6 +121,14 @@ def random_batch(batch: int, seq: int, seed: int, padding: str | None = None):
     return ids, mask, labels
 
 
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward of `batch`: the loss and a copy of every gradient, by parameter name."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import velotune
-from tests.model_zoo import random_batch, rel_err, save_hf_model
+from tests.model_zoo import loss_and_grads, random_batch, rel_err, save_hf_model
 from velotune.errors import ConfigError, KernelError
 from velotune.memory.checkpoint import (
     checkpoint_mode,
@@ -33,13 +33,6 @@ def load(folder):
         folder, dtype=torch.float32, device_map="cpu", full_finetuning=True, progress=False
     )
     return model.train()
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def padded_batch():

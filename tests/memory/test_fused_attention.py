@@ -7,7 +7,7 @@ steps aside wherever it would not compute what the modules compute."""
 import pytest
 import torch
 
-from tests.model_zoo import random_batch, save_hf_model, velotune_lora_model
+from tests.model_zoo import loss_and_grads, random_batch, save_hf_model, velotune_lora_model
 from velotune.memory.fused_attention import FusedAttentionBlock, fused_attention_block
 from velotune.models.decoder import cu_seqlens_from_position_ids
 from velotune.models.rope_scaling import rope_cos_sin
@@ -114,13 +114,6 @@ def test_without_an_input_gradient_only_the_lora_gradients_are_computed(folders,
     assert calls == []
     assert block.trains(params) and not block.trains(params, block.qkv)
     assert all(torch.equal(g, w) if w is not None else g is None for g, w in zip(grads, ref_grads))
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize(

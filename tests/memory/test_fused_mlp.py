@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import velotune
-from tests.model_zoo import random_batch, rel_err, save_hf_model, velotune_lora_model
+from tests.model_zoo import loss_and_grads, random_batch, rel_err, save_hf_model, velotune_lora_model
 from velotune.errors import KernelError
 from velotune.memory import fused_mlp as fused_module
 from velotune.memory.fused_mlp import FusedMLPBlock, fused_mlp_block
@@ -108,13 +108,6 @@ def assert_same_training(loss, grads, ref_loss, ref_grads):
     assert rel_err(loss, ref_loss) < 1e-6
     for name in ref_grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-6, name
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from velotune.kernels._dispatch import use_triton
 from velotune.kernels.attention import attention
 from velotune.kernels.lora import (
     _fused_forward,
@@ -42,12 +41,8 @@ from velotune.kernels.lora import (
 )
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
-from velotune.memory.fused_mlp import modules_run_plainly
-from velotune.models.layers import Attention, DecoderLayer, RMSNorm
-
-
-def _frozen(t) -> bool:
-    return t is None or not getattr(t, "requires_grad", False)
+from velotune.memory.fused_mlp import hand_written_parts
+from velotune.models.layers import Attention, DecoderLayer
 
 
 @dataclass
@@ -227,16 +222,13 @@ def fused_attention_block(
     qkv, o = getattr(attn, "qkv", None), getattr(attn, "o_proj", None)
     if not hasattr(qkv, "lora_parts") or not hasattr(o, "lora_parts"):
         return None
-    norm = layer.attn_norm
-    plain = (norm, RMSNorm), (attn, Attention), (qkv, None), (o, None)
-    if type(layer).attention_block is not DecoderLayer.attention_block or not modules_run_plainly(*plain):
-        return None
-    if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
+    if type(layer).attention_block is not DecoderLayer.attention_block:
         return None
     if cos.requires_grad or sin.requires_grad:
         return None  # `apply_rotary` runs its reference path then, to give them a gradient
-    parts = qkv.lora_parts(), o.lora_parts()
-    for w, b, _, _, _, dropout in parts:
-        if dropout > 0 or not _frozen(w) or not _frozen(b):
-            return None
-    return FusedAttentionBlock(layer, cos, sin, key_padding_mask, cu_seqlens, *parts)
+    parts = hand_written_parts(x, layer.attn_norm, (attn, Attention), qkv, o)
+    return (
+        FusedAttentionBlock(layer, cos, sin, key_padding_mask, cu_seqlens, *parts)
+        if parts is not None
+        else None
+    )

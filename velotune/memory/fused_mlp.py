@@ -38,9 +38,9 @@ from velotune.kernels.lora import (
     _fused_forward,
     _is_dense,
     _rows,
+    cast_factors,
     lora_branch_inputs,
     lora_factor_grads,
-    cast_factors,
     lora_input_grad,
     with_cast_factors,
 )
@@ -206,6 +206,23 @@ def modules_run_plainly(*modules) -> bool:
     return True
 
 
+def hand_written_parts(x: torch.Tensor, norm, half: tuple, *projections) -> tuple | None:
+    """The projections' `lora_parts()` where a hand-written half (norm, then `half` = (module, its
+    class), then these projections) computes what the modules would, else None: the Triton path,
+    no autocast, frozen norm, base weights and biases, no LoRA dropout in training, and modules that
+    run plainly (`modules_run_plainly`)."""
+    plain = (norm, RMSNorm), half, *((p, None) for p in projections)
+    if not modules_run_plainly(*plain):
+        return None
+    if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
+        return None
+    parts = tuple(p.lora_parts() for p in projections)
+    for w, b, _, _, _, dropout in parts:
+        if dropout > 0 or not _frozen(w) or not _frozen(b):
+            return None
+    return parts
+
+
 def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
     """The fused MLP half of `layer` where it computes what `layer.mlp_block` would, else None."""
     mlp = getattr(layer, "mlp", None)
@@ -215,14 +232,7 @@ def fused_mlp_block(layer, x: torch.Tensor) -> FusedMLPBlock | None:
     gate_up, down = getattr(mlp, "gate_up", None), getattr(mlp, "down_proj", None)
     if not hasattr(gate_up, "lora_parts") or not hasattr(down, "lora_parts"):
         return None  # a routed MoE, or another MLP
-    norm = layer.mlp_norm
-    plain = (norm, RMSNorm), (mlp, MLP), (gate_up, None), (down, None)
-    if type(layer).mlp_block is not DecoderLayer.mlp_block or not modules_run_plainly(*plain):
+    if type(layer).mlp_block is not DecoderLayer.mlp_block:
         return None
-    if not use_triton(x, norm.weight) or torch.is_autocast_enabled(x.device.type) or not _frozen(norm.weight):
-        return None
-    parts = gate_up.lora_parts(), down.lora_parts()
-    for w, b, _, _, _, dropout in parts:
-        if dropout > 0 or not _frozen(w) or not _frozen(b):
-            return None
-    return FusedMLPBlock(layer, *parts)
+    parts = hand_written_parts(x, layer.mlp_norm, (mlp, MLP), gate_up, down)
+    return FusedMLPBlock(layer, *parts) if parts is not None else None
