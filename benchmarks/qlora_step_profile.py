@@ -63,6 +63,10 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     # The LoRA factors (and their gradients) cast one at a time, as before kernels.lora.cast_factors.
     (f"offload, full, {PER_FACTOR_CASTS}", "offload", "full", None),
     (f"offload, save_mlp, 16 kept, {PER_FACTOR_CASTS}", "offload", "save_mlp", 16),
+    # The same policies with every checkpoint kept on the GPU: the step without the host link's copies
+    # (more GPU memory), which tells the link's share of the offloaded step from the rest.
+    ("GPU checkpoints, full", True, "full", None),
+    ("GPU checkpoints, save_mlp, 16 kept", True, "save_mlp", 16),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
 CAST_FACTORS = lora_module.cast_factors
