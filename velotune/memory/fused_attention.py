@@ -30,18 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from velotune.kernels.attention import attention
-from velotune.kernels.lora import (
-    _fused_forward,
-    _rows,
-    cast_factors,
-    lora_branch_inputs,
-    lora_factor_grads,
-    lora_input_grad,
-    with_cast_factors,
-)
+from velotune.kernels.lora import _fused_forward, _rows, lora_branch_inputs, lora_input_grad, with_cast_factors
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
-from velotune.memory.fused_mlp import hand_written_parts
+from velotune.memory.fused_mlp import FactorGradients, hand_written_parts
 from velotune.models.layers import Attention, DecoderLayer
 
 
@@ -151,25 +143,11 @@ class FusedAttentionBlock:
         self, state: AttentionRecompute, dy: torch.Tensor, params: Sequence[torch.Tensor], need_dx: bool
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Gradients of <half(x), dy> for x (when need_dx) and params (one gradient or None each)."""
-        index = {id(p): i for i, p in enumerate(params)}
-        found: list[tuple[int, torch.Tensor]] = []
-
-        def factor_grads(parts, dy2, x2, xa, a_c, bs_c):
-            # Each wanted gradient stays in the GEMMs' dtype (dy2's) until `finish` casts them all.
-            _, _, a, bs, layout, _ = parts
-            a_dtype = dy2.dtype if a is not None and id(a) in index else None
-            b_dtypes = [dy2.dtype if id(b) in index else None for b in bs]
-            dyb, da, dbs = lora_factor_grads(dy2, x2, xa, a_c, bs_c, layout, a_dtype, b_dtypes)
-            found.extend((index[id(p)], g) for p, g in zip((a, *bs), (da, *dbs)) if g is not None)
-            return dyb
+        factor_grads = FactorGradients(params)
 
         def finish(dx):
-            # The parameters' gradients in their own dtypes, cast in one multi-tensor copy.
-            grads: list[torch.Tensor | None] = [None] * len(params)
-            cast = cast_factors([g for _, g in found], [params[i].dtype for i, _ in found])
-            for (i, _), g in zip(found, cast):
-                grads[i] = g
-            return dx, grads
+            # Both projections' factor gradients in their parameters' dtypes, cast in one copy.
+            return dx, factor_grads.add_to([None] * len(params))
 
         spec = self.spec
         x, out = state.x, state.out
@@ -180,7 +158,7 @@ class FusedAttentionBlock:
             attn2 = out.detach().reshape(-1, spec.q_size)
             w_o, _, a_o, bs_o, layout_o, _ = state.o_parts
             a_c, xa, bs_c = lora_branch_inputs(attn2, a_o, layout_o, bs_o)
-            dyb = factor_grads(self.o, dy2, attn2, xa, a_c, bs_c)
+            dyb = factor_grads.of(self.o, dy2, attn2, xa, a_c, bs_c)
             del xa
             d_out = lora_input_grad(dy2, w_o, dyb, a_c).view(out.shape)
             del dyb, attn2
@@ -197,7 +175,7 @@ class FusedAttentionBlock:
             del dq, dk, dv
             w_qkv = self.qkv[0]
             a_c, xa, bs_c = state.qkv_lora
-            dyb = factor_grads(self.qkv, dqkv, state.normed, xa, a_c, bs_c)
+            dyb = factor_grads.of(self.qkv, dqkv, state.normed, xa, a_c, bs_c)
             state.qkv_lora = None
             if not need_dx:
                 return finish(None)

@@ -126,25 +126,8 @@ class FusedMLPBlock:
 
     def _backward(self, x, dy, params, tile_tokens, need_dx, kept_gate_up):
         rows, d_rows = _rows(x), _rows(dy).contiguous()
-        index = {id(p): i for i, p in enumerate(params)}
+        factor_grads = FactorGradients(params)
         grads: list[torch.Tensor | None] = [None] * len(params)
-
-        def wanted(parts, dtype):
-            # Which LoRA factors get a gradient. It stays in the GEMMs' dtype until `add` casts the
-            # tile's gradients to their parameters' dtypes, all in one multi-tensor copy.
-            _, _, a, bs, _, _ = parts
-            a_dtype = dtype if a is not None and id(a) in index else None
-            return a_dtype, [dtype if id(b) in index else None for b in bs]
-
-        def collect(parts, da, dbs, tile_grads):
-            _, _, a, bs, _, _ = parts
-            tile_grads += [(index[id(p)], g) for p, g in zip((a, *bs), (da, *dbs)) if g is not None]
-
-        def add(tile_grads):
-            cast = cast_factors([g for _, g in tile_grads], [params[i].dtype for i, _ in tile_grads])
-            for (i, _), g in zip(tile_grads, cast):
-                grads[i] = g if grads[i] is None else grads[i].add_(g)
-
         w_gu, w_down = self.gate_up[0], self.down[0]
         gate_up, down = self._cast_parts(x)  # the compute copies; gradients go to self.gate_up/down's
         a_down, bs_down, layout_down = down[2], down[3], down[4]
@@ -165,18 +148,13 @@ class FusedMLPBlock:
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)
-            tile_grads: list = []
-            dyb, da, dbs = lora_factor_grads(dyt, act, xa, a_c, bs_c, layout_down, *wanted(self.down, dyt.dtype))
-            collect(self.down, da, dbs, tile_grads)
+            dyb = factor_grads.of(self.down, dyt, act, xa, a_c, bs_c)
             del act, xa  # d(activation) below takes the activation's memory
             d_act = lora_input_grad(dyt, w_down, dyb, a_c)
             dgu = gated_activation_backward(d_act, gu, self.activation, in_place=True)
             del d_act, gu
-            dyb, da, dbs = lora_factor_grads(dgu, n, xa_gu, a_gu, bs_gu, self.gate_up[4],
-                                             *wanted(self.gate_up, dgu.dtype))  # fmt: skip
-            collect(self.gate_up, da, dbs, tile_grads)
-            add(tile_grads)
-            del tile_grads
+            dyb = factor_grads.of(self.gate_up, dgu, n, xa_gu, a_gu, bs_gu)
+            factor_grads.add_to(grads)  # per tile, so the tiles' gradients add in the parameters' dtype
             if not need_dx:
                 continue
             dn = lora_input_grad(dgu, w_gu, dyb, a_gu)
@@ -187,6 +165,34 @@ class FusedMLPBlock:
             else:
                 torch.add(d_norm, dyt, out=dx[start:end])
         return (dx.view(x.shape) if dx is not None else None), grads
+
+
+class FactorGradients:
+    """The LoRA factor gradients of a hand-written half's projections, for `params` (a layer's
+    trainable tensors, in order). Each is computed in its GEMMs' dtype and kept until `add_to` casts
+    all that were collected to their parameters' dtypes in one multi-tensor copy (`cast_factors`)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = params
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.found: list[tuple[int, torch.Tensor]] = []
+
+    def of(self, parts: tuple, dy2, x_lora, xa, a_c, bs_c) -> torch.Tensor | None:
+        """`lora_factor_grads` of one projection (`lora_parts()`, computed with the cast factors a_c
+        and bs_c): returns dyb, and keeps the gradients of the factors that are in params."""
+        _, _, a, bs, layout, _ = parts
+        wanted = [dy2.dtype if t is not None and id(t) in self.index else None for t in (a, *bs)]
+        dyb, da, dbs = lora_factor_grads(dy2, x_lora, xa, a_c, bs_c, layout, wanted[0], wanted[1:])
+        self.found += [(self.index[id(p)], g) for p, g in zip((a, *bs), (da, *dbs)) if g is not None]
+        return dyb
+
+    def add_to(self, grads: list) -> list:
+        """grads (one entry per parameter, None: none yet) plus the collected gradients, cast; the
+        collection starts empty again."""
+        found, self.found = self.found, []
+        for (i, _), g in zip(found, cast_factors([g for _, g in found], [self.params[i].dtype for i, _ in found])):
+            grads[i] = g if grads[i] is None else grads[i].add_(g)
+        return grads
 
 
 def modules_run_plainly(*modules) -> bool:
