@@ -43,8 +43,14 @@ def _rope_longrope(rotary_dim: int) -> dict:
 FAMILY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         **COMMON,
-        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        },
     ),  # fmt: skip
     "llama_tied_bias": lambda: transformers.LlamaConfig(
         **COMMON, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
@@ -76,9 +82,20 @@ FAMILY_CONFIGS = {
 }
 
 
+# Models whose projection widths are whole 4-bit quantization blocks (64) and whose LoRA ranks can sum to
+# multiples of 8: the shapes at which a 4-bit projection folds its LoRA into the base GEMM
+# (velotune.kernels.lora.fold_width), as every real checkpoint's do. Not in FAMILY_CONFIGS: the
+# family is Llama's, which every test over the families already covers.
+ALIGNED_CONFIGS = {
+    "llama_aligned": lambda: transformers.LlamaConfig(
+        **{**COMMON, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
+    ),
+}
+
+
 def build_hf_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    config = FAMILY_CONFIGS[name]()
+    config = {**FAMILY_CONFIGS, **ALIGNED_CONFIGS}[name]()
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.float().eval()
     # Transformers' init leaves norms at 1 (Gemma's at 0) and biases at 0; randomise every parameter
@@ -137,8 +154,15 @@ def shard_count(folder: str) -> int:
     return sum(name.endswith(".safetensors") for name in os.listdir(folder))
 
 
-def velotune_lora_model(folder: str, dropout: float = 0.0, load_in_4bit: bool = False, seed: int = 1):
-    """A float32 CPU velotune model from `folder` with r=4 LoRA on every linear, in training mode, its
+def velotune_lora_model(
+    folder: str,
+    dropout: float = 0.0,
+    load_in_4bit: bool = False,
+    seed: int = 1,
+    r: int = 4,
+    lora_alpha: float = 8,
+):
+    """A float32 CPU velotune model from `folder` with rank-r LoRA on every linear, in training mode, its
     B factors random (B starts at zero, which would hide the B side of the math)."""
     import velotune
 
@@ -147,8 +171,8 @@ def velotune_lora_model(folder: str, dropout: float = 0.0, load_in_4bit: bool = 
     )
     model = velotune.FastLanguageModel.get_peft_model(
         base,
-        r=4,
-        lora_alpha=8,
+        r=r,
+        lora_alpha=lora_alpha,
         lora_dropout=dropout,
         target_modules="all-linear",
         use_gradient_checkpointing=False,

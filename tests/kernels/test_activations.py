@@ -124,3 +124,15 @@ def test_a_leaf_gate_up_is_left_unchanged_by_the_backward():
     before = gate_up.detach().clone()
     GatedActivationFunction.apply(gate_up, "silu").sum().backward()
     assert torch.equal(gate_up.detach(), before)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_forward_into_the_first_columns_of_wider_rows_gives_bitwise_its_own_output(activation):
+    # Where a 4-bit down projection folds its LoRA, the activation writes into the GEMM's wider input.
+    gu = torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(12))
+    y = activations.gated_activation_forward(gu, activation)
+    buf = torch.full((9, 48), float("nan"))
+    y_wide = activations.gated_activation_forward(gu, activation, out=buf[:, :40])
+    assert torch.equal(y_wide, y) and buf[:, 40:].isnan().all()
+    with pytest.raises(KernelError, match="out must be"):
+        activations.gated_activation_forward(gu, activation, out=buf[:, :39])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tests.kernels.checks import norm_rel_err as _rel_err
+from velotune.errors import KernelError
 from velotune.kernels import rmsnorm
 from velotune.kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
@@ -146,3 +147,17 @@ def test_rms_norm_frozen_weight_backward_writes_every_gradient_element(poisoned_
         _, dx, dw = _run(RMSNormFunction.apply, x, w, 1e-5, offset, False)
         _, dx_ref, _ = _run(rms_norm_reference, x, w, 1e-5, offset, False)
         assert dw is None and torch.isfinite(dx).all() and _rel_err(dx, dx_ref) < 1e-5
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_forward_into_the_first_columns_of_wider_rows_gives_bitwise_its_own_output(offset):
+    # Where a 4-bit projection folds its LoRA, the norm writes into the GEMM's wider input buffer.
+    gen = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(2, 7, 48, generator=gen), torch.randn(48, generator=gen)
+    y, rstd = rmsnorm.rms_norm_forward(x, weight, 1e-5, offset)
+    buf = torch.full((14, 56), float("nan"))
+    y_wide, rstd_wide = rmsnorm.rms_norm_forward(x, weight, 1e-5, offset, out=buf[:, :48])
+    assert torch.equal(y_wide, y) and torch.equal(rstd_wide, rstd) and y_wide.data_ptr() == buf.data_ptr()
+    assert buf[:, 48:].isnan().all()
+    with pytest.raises(KernelError, match="out must be"):
+        rmsnorm.rms_norm_forward(x, weight, 1e-5, offset, out=buf[:, :40])

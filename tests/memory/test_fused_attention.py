@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.model_zoo import loss_and_grads, random_batch, save_hf_model, velotune_lora_model
+from velotune.kernels import lora as lora_kernels
 from velotune.memory.fused_attention import FusedAttentionBlock, fused_attention_block
 from velotune.models.decoder import cu_seqlens_from_position_ids
 from velotune.models.rope_scaling import rope_cos_sin
@@ -16,7 +17,16 @@ from velotune.models.rope_scaling import rope_cos_sin
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     paths = {}
-    for family in ("llama", "mistral", "qwen2", "gemma", "phi3_partial", "mixtral", "llama_tied_bias"):
+    for family in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "gemma",
+        "phi3_partial",
+        "mixtral",
+        "llama_tied_bias",
+        "llama_aligned",
+    ):
         paths[family] = str(tmp_path_factory.mktemp(family))
         save_hf_model(family, paths[family])
     return paths
@@ -127,12 +137,22 @@ def test_without_an_input_gradient_only_the_lora_gradients_are_computed(folders,
         ("mistral", False, "offload", "save_mlp"),
         ("llama", "whole", "offload", "full"),  # 4-bit q/k/v dequantized whole for its GEMMs
         ("llama", "whole", "offload", "save_mlp"),
+        # Whole quantization blocks and r=8: every 4-bit projection folds its LoRA into the base GEMM,
+        # the halves writing the norm's and the activation's outputs into the GEMMs' wider inputs.
+        ("llama_aligned", True, "offload", "save_mlp"),
+        ("llama_aligned", True, True, "full"),
     ],
 )
 def test_checkpointed_training_through_the_hand_written_attention_half_gives_bitwise_the_plain_gradients(
     folders, triton_everywhere, monkeypatch, family, load_in_4bit, mode, policy
 ):
-    model = velotune_lora_model(folders[family], load_in_4bit=bool(load_in_4bit))
+    aligned = family == "llama_aligned"
+    model = velotune_lora_model(folders[family], load_in_4bit=bool(load_in_4bit), r=8 if aligned else 4)
+    folded = []
+    real_folded = lora_kernels._folded_forward
+    monkeypatch.setattr(
+        lora_kernels, "_folded_forward", lambda *a: folded.append(a[-1] is not None) or real_folded(*a)
+    )
     if load_in_4bit == "whole":
         # The zoo's q/k/v (9,600 values) is larger than its largest block (5,760): raise the limit so
         # the 4-bit weights take the whole-weight path (velotune.quant.nf4_weight).
@@ -143,6 +163,9 @@ def test_checkpointed_training_through_the_hand_written_attention_half_gives_bit
     ids, mask, labels = random_batch(2, 11, seed=6, padding="right")
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     ref_loss, ref_grads = loss_and_grads(model, batch)
+    # The modules fold too, concatenating each input with its x A^T (4 projections per layer).
+    assert folded == [False] * (4 * len(model.layers) if aligned else 0)
+    folded.clear()
     outputs = []
     real = FusedAttentionBlock.recompute
     monkeypatch.setattr(
@@ -154,6 +177,9 @@ def test_checkpointed_training_through_the_hand_written_attention_half_gives_bit
     loss, grads = loss_and_grads(model, batch)
     # Every layer's attention half was recomputed by hand; its output only where the MLP half needs it.
     assert outputs == [policy == "full"] * len(model.layers)
+    if aligned:
+        # q/k/v, gate/up and down read wide inputs their producers wrote (o reads the attention output).
+        assert folded.count(True) >= 3 * len(model.layers) and False in folded
     assert grads.keys() == ref_grads.keys() and ref_grads
     assert torch.equal(loss, ref_loss)
     for name in ref_grads:

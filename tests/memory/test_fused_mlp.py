@@ -9,6 +9,7 @@ import torch
 import velotune
 from tests.model_zoo import loss_and_grads, random_batch, rel_err, save_hf_model, velotune_lora_model
 from velotune.errors import KernelError
+from velotune.kernels import lora as lora_kernels
 from velotune.memory import fused_mlp as fused_module
 from velotune.memory.fused_mlp import FusedMLPBlock, fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
@@ -229,6 +230,31 @@ def test_save_mlp_keeps_the_gate_up_output_of_the_chosen_layers_and_gives_the_pl
         want = [n_tiles if i % 2 == 0 or kept is not None else None for i in range(len(model.layers))]
         assert kept_tiles == want and sum(k is not None for k in kept_tiles) == chosen
         assert_same_training(loss, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("policy,kept,tile", [("full", None, None), ("save_mlp", None, None), ("save_mlp", 2, 11)])
+def test_4bit_projections_fold_their_lora_into_the_base_gemm_on_the_fused_mlp_path(
+    tmp_path_factory, triton_everywhere, monkeypatch, policy, kept, tile
+):
+    # Whole quantization blocks and r=8: gate/up and down fold their LoRA into the base GEMM, reading the
+    # norm's and the activation's outputs from the GEMMs' wider inputs; the modules (the reference here)
+    # fold too, from a concatenated copy. Same ops, so the same loss and gradients.
+    path = str(tmp_path_factory.mktemp("llama_aligned"))
+    save_hf_model("llama_aligned", path)
+    model = velotune_lora_model(path, load_in_4bit=True, r=8, lora_alpha=12)  # scale 1.5
+    ids, mask, labels = random_batch(2, 11, seed=8, padding="right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    wide = []
+    real = lora_kernels._folded_forward
+    monkeypatch.setattr(lora_kernels, "_folded_forward", lambda *a: wide.append(a[-1] is not None) or real(*a))
+    model.gradient_checkpointing, model.checkpoint_policy = "offload", policy
+    model.gate_up_kept_layers, model.mlp_tile_tokens = kept, tile
+    loss, grads = loss_and_grads(model, batch)
+    tiles = len(token_tiles(22, tile or 8192))
+    # Per layer and tile, the forward's gate/up and down read wide inputs (and q/k/v, per layer).
+    assert wide.count(True) >= len(model.layers) * (2 * tiles + 1)
+    assert_same_training(loss, grads, ref_loss, ref_grads)
 
 
 def test_kept_gate_up_tiles_must_match_the_backward_tiles(model, triton_everywhere):

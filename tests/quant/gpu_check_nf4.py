@@ -159,7 +159,7 @@ def check_kernels(dev, smoke: bool) -> list[dict]:
                 )
             rows.append(row)
     # NF4Weight's per-part GEMMs against the same GEMMs on its dense weight (bf16, cuBLAS both).
-    out_f, in_f, t = (88, 96, 7) if smoke else (6144, 4096, 4096)
+    out_f, in_f, t = (88, 128, 9) if smoke else (6144, 4096, 4096)
     parts = [
         (0, out_f * 2 // 3),
         (out_f * 2 // 3, out_f // 6),
@@ -173,10 +173,30 @@ def check_kernels(dev, smoke: bool) -> list[dict]:
     dense = weight.dequantize()
     x = torch.randn(t, in_f, device=dev, dtype=torch.bfloat16)
     dy = torch.randn(t, out_f, device=dev, dtype=torch.bfloat16)
+    # The folded LoRA product: x_wide @ [W | cols]^T, W dequantized into the first columns of wider
+    # scratch rows (whole here, and part by part), and that dequantization alone, bit for bit.
+    x_wide = torch.randn(t, in_f + 48, device=dev, dtype=torch.bfloat16)
+    cols = torch.randn(out_f, 48, device=dev, dtype=torch.bfloat16) * 0.02
+    folded_want = x_wide @ torch.cat((dense, cols), 1).t()
+    folded = {}
+    for limit in (0, weight.numel()):
+        weight.whole_numel_limit = limit
+        folded[limit] = _rel(weight.linear_folded(x_wide, cols), folded_want)
+    # bf16 on the GPU; float32 under the interpreter, which truncates to bf16 instead of rounding.
+    strided_dtype = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
+    wide_rows = torch.full((parts[0][1], in_f + 48), float("nan"), device=dev, dtype=strided_dtype)
+    q0 = weight.parts()[0][1]
+    dequantize_nf4_triton(q0, out=wide_rows[:, :in_f])
     rows.append({
         "shape": [out_f, in_f], "dtype": "NF4Weight bf16, 3 parts",
         "linear_rel_err": _rel(weight.linear(x), x @ dense.t()),
         "grad_input_rel_err": _rel(weight.grad_input(dy), dy @ dense),
+        "linear_folded_by_part_rel_err": folded[0],
+        "linear_folded_whole_rel_err": folded[weight.numel()],
+        "dequant_strided_equal_reference": bool(
+            torch.equal(wide_rows[:, :in_f], dequantize_nf4_reference(q0, strided_dtype))
+            and wide_rows[:, in_f:].isnan().all()
+        ),
     })  # fmt: skip
     return rows
 
@@ -194,6 +214,7 @@ REQUIRED_EQUAL = (
     "dequant_float32_equal_reference",
     "bnb_dequant_equal",
     "bnb_offset_equal",
+    "dequant_strided_equal_reference",
 )
 
 

@@ -11,6 +11,7 @@ from tests.quant.nf4_inputs import straddling_blocks
 from velotune.errors import KernelError
 from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
 from velotune.quant.nf4 import (
+    DequantLaunch,
     NF4Tensor,
     _quantize_8bit_triton,
     _reference_blockwise,
@@ -133,14 +134,20 @@ def test_straddling_inputs_change_codes_when_the_scaling_is_off_by_one_rounding(
     exact = torch.bucketize(x * r, NF4_THRESHOLDS)
     ties = (x * r)[..., None] == NF4_THRESHOLDS
     assert ties.sum() > 100
-    for off in (x * torch.nextafter(r, torch.tensor(2.0)), x * torch.nextafter(r, torch.tensor(0.0)), x / absmax):
+    for off in (
+        x * torch.nextafter(r, torch.tensor(2.0)),
+        x * torch.nextafter(r, torch.tensor(0.0)),
+        x / absmax,
+    ):
         assert (torch.bucketize(off, NF4_THRESHOLDS) != exact).sum() > 300
 
 
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("tail", [0, 37])
 def test_reference_equals_bitsandbytes_on_float32_inputs_straddling_the_thresholds(blocksize, tail):
-    w = straddling_blocks(blocksize * 150 + tail, blocksize, torch.float32, NF4_THRESHOLDS, seed=blocksize + tail)
+    w = straddling_blocks(
+        blocksize * 150 + tail, blocksize, torch.float32, NF4_THRESHOLDS, seed=blocksize + tail
+    )
     ours = quantize_nf4_reference(w, blocksize=blocksize, double_quant=False)
     packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
     assert torch.equal(ours.data, packed.view(-1))
@@ -238,6 +245,34 @@ def test_dequantization_into_a_slice_of_a_scratch_buffer_writes_only_that_slice(
     dequantize_nf4_triton(q, out=scratch[10:34])
     assert torch.equal(scratch[10:34], dequantize_nf4_reference(q))
     assert scratch[:10].isnan().all() and scratch[34:].isnan().all()
+
+
+@pytest.mark.parametrize("launch", [None, DequantLaunch(elements_per_program=256, programs_per_sm=1),
+                                    DequantLaunch(elements_per_program=64)])  # fmt: skip
+@pytest.mark.parametrize("rows,cols,blocksize,extra", [(37, 192, 64, 24), (1, 64, 64, 8), (5, 256, 128, 16)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantization_into_the_first_columns_of_wider_rows_writes_only_those(
+    rows, cols, blocksize, extra, double_quant, launch
+):
+    # The folded LoRA projection's scratch rows [W | s B]: the weight goes into the first columns, block by
+    # block (a chunk of blocks may span rows), and the last columns are the caller's.
+    q = quantize_nf4_reference(
+        _weight((rows, cols), torch.float32, seed=rows), blocksize=blocksize, double_quant=double_quant
+    )
+    want = dequantize_nf4_reference(q)
+    for dequantize in (lambda out: dequantize_nf4_triton(q, out=out, launch=launch),
+                       lambda out: dequantize_nf4(q, out=out)):  # fmt: skip
+        buf = torch.full((rows, cols + extra), float("nan"))
+        dequantize(buf[:, :cols])
+        assert torch.equal(buf[:, :cols], want)
+        assert buf[:, cols:].isnan().all()
+
+
+def test_wider_rows_are_refused_where_a_row_is_not_whole_blocks():
+    q = quantize_nf4_reference(_weight((3, 96), torch.float32, seed=9))  # 96 = 1.5 blocks of 64
+    buf = torch.zeros(3, 104)
+    with pytest.raises(KernelError, match="first .* columns of wider rows"):
+        dequantize_nf4_triton(q, out=buf[:, :96])
 
 
 def test_all_zero_blocks_dequantize_to_exact_zeros():

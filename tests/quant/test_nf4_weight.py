@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from velotune.errors import KernelError
+from velotune.kernels import lora as lora_kernels
 from velotune.kernels.lora import lora_projection, lora_projection_reference
 from velotune.quant.nf4 import dequantize_nf4_reference, quantize_nf4_reference
 from velotune.quant.nf4_weight import NF4Weight, scratch_buffer
@@ -42,6 +43,32 @@ def test_products_equal_those_of_the_dequantized_weight(parts, whole):
     assert len(calls) == (2 if whole and len(parts) > 1 else 0)
 
 
+@pytest.mark.parametrize("parts", [((0, 40), (40, 24), (64, 24)), ((0, 88),)])
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("triton", [False, True])
+def test_the_folded_product_equals_that_of_the_dequantized_weight_with_its_extra_columns(
+    parts, whole, triton, monkeypatch
+):
+    # x_wide @ [W | cols]^T, W dequantized into the first columns of scratch rows [rows, in + R].
+    if triton:
+        monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    w, dense = _weight(parts, in_features=128)
+    w.whole_numel_limit = w.numel() if whole else w.numel() - 1
+    gen = torch.Generator().manual_seed(3)
+    x_wide, cols = torch.randn(9, 136, generator=gen), torch.randn(88, 8, generator=gen)
+    calls = []
+    real = w.dequantize
+    w.dequantize = lambda *a, **k: calls.append(1) or real(*a, **k)
+    want = x_wide @ torch.cat((dense, cols), 1).t()
+    assert _rel(w.linear_folded(x_wide, cols), want) < 1e-6
+    assert len(calls) == 0  # never a dense copy of the whole weight outside the scratch rows
+    with pytest.raises(KernelError, match="linear_folded"):
+        w.linear_folded(x_wide, cols[:, :5])
+    assert w.folds(9) and not w.folds(8)  # a decoding step's few rows take the packed kernel instead
+    unaligned, _ = _weight(parts)  # rows of 96 = 1.5 quantization blocks
+    assert not unaligned.folds(9)
+
+
 def test_the_loader_lets_fused_weights_no_larger_than_the_largest_block_dequantize_whole():
     from velotune.io.load import build_spec, meta_model
 
@@ -50,7 +77,9 @@ def test_the_loader_lets_fused_weights_no_larger_than_the_largest_block_dequanti
     model = meta_model(build_spec(cfg, "<test>"), torch.float32, load_in_4bit=True)
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
     # The largest block is gate_proj (or up_proj): 80 x 32. q/k/v (64 x 32) fits it, gate/up does not.
-    assert {p.weight.whole_numel_limit for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)} == {80 * 32}
+    assert {p.weight.whole_numel_limit for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)} == {
+        80 * 32
+    }
     assert attn.qkv.weight.numel() <= 80 * 32 < mlp.gate_up.weight.numel()
 
 
@@ -115,20 +144,27 @@ def test_misplaced_missing_or_sliced_parts_are_refused():
         w[0:8]
 
 
-@pytest.mark.parametrize("with_lora", [True, False])
-def test_the_projection_op_on_a_4bit_weight_matches_the_reference_on_its_dense_weight(with_lora, monkeypatch):
-    w, dense = _weight()
+@pytest.mark.parametrize(
+    "with_lora,in_features,ranks",
+    [(True, 96, (3, 2)), (False, 96, (3, 2)), (True, 128, (3, 5)), (True, 128, (3, 4))],
+)
+def test_the_projection_op_on_a_4bit_weight_matches_the_reference_on_its_dense_weight(
+    with_lora, in_features, ranks, monkeypatch
+):
+    # in 128 with ranks summing to 8: the Function folds the LoRA into the base GEMM
+    # (velotune.kernels.lora.fold_width); 96 (not whole blocks) or ranks summing to 7: it adds it after.
+    w, dense = _weight(in_features=in_features)
     gen = torch.Generator().manual_seed(2)
     sizes = (40, 24, 24)
-    a = torch.randn(5, 96, generator=gen) * 0.1 if with_lora else None
+    a = torch.randn(sum(ranks), in_features, generator=gen) * 0.1 if with_lora else None
     bs = (
-        [torch.randn(40, 3, generator=gen) * 0.1, None, torch.randn(24, 2, generator=gen) * 0.1]
+        [torch.randn(40, ranks[0], generator=gen) * 0.1, None, torch.randn(24, ranks[1], generator=gen) * 0.1]
         if with_lora
         else [None] * 3
     )
     bias = torch.randn(88, generator=gen)
-    x = torch.randn(2, 3, 96, generator=gen)
-    dy = torch.randn(2, 3, 88, generator=gen)
+    x = torch.randn(2, 5, in_features, generator=gen)
+    dy = torch.randn(2, 5, 88, generator=gen)
 
     def run(fn, weight):
         xx = x.clone().requires_grad_(True)
@@ -141,9 +177,12 @@ def test_the_projection_op_on_a_4bit_weight_matches_the_reference_on_its_dense_w
 
     y_ref, g_ref = run(lora_projection_reference, dense)
     monkeypatch.setenv("VELOTUNE_KERNELS", "triton")  # the Function, dequantizing into the scratch buffer
-    saved = []
+    saved, folded = [], []
+    real_folded = lora_kernels._folded_forward
+    monkeypatch.setattr(lora_kernels, "_folded_forward", lambda *a: folded.append(1) or real_folded(*a))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         y, grads = run(lora_projection, w)
+    assert bool(folded) == (with_lora and in_features % 64 == 0 and sum(ranks) % 8 == 0)
     assert dense.numel() not in saved and max(saved) < dense.numel()  # no dense weight waits for backward
     monkeypatch.setenv("VELOTUNE_KERNELS", "reference")
     y_cpu, g_cpu = run(lora_projection, w)

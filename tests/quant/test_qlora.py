@@ -17,6 +17,7 @@ from tests.model_zoo import rel_err, save_hf_model
 from tests.quant.helpers import dequantized_twin, save_transformers_4bit
 from velotune.errors import UnsupportedModelError
 from velotune.io.load import spec_from_folder
+from velotune.kernels import lora as lora_kernels
 from velotune.lora.peft_format import ADAPTER_WEIGHTS
 from velotune.models.families import family_of
 from velotune.quant import nf4
@@ -90,6 +91,19 @@ def test_qlora_through_the_triton_kernels_matches_peft(tmp_path, monkeypatch):
     ours, theirs = _qlora_pair("llama", tmp_path)
     monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
     assert_loss_and_lora_gradients_match(ours, theirs, batch=2, seq=5)
+
+
+@pytest.mark.parametrize("lora_alpha", [16, 12])
+def test_qlora_with_the_lora_folded_into_the_4bit_gemms_matches_peft(tmp_path, monkeypatch, lora_alpha):
+    """Whole quantization blocks and r=8: every projection computes x W^T + s (x A^T) B^T as one GEMM
+    over [x | x A^T] and [W | s B] (velotune.kernels.lora.fold_width); scales 2 and 1.5."""
+    ours, theirs = _qlora_pair("llama_aligned", tmp_path, r=8, lora_alpha=lora_alpha)
+    monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
+    folded = []
+    real = lora_kernels._folded_forward
+    monkeypatch.setattr(lora_kernels, "_folded_forward", lambda *a: folded.append(1) or real(*a))
+    assert_loss_and_lora_gradients_match(ours, theirs, batch=2, seq=5)
+    assert len(folded) == 4 * len(ours.layers)  # q/k/v, o, gate/up, down of every layer
 
 
 def test_loading_quantizes_each_checkpoint_tensor_on_its_own_as_bitsandbytes_does(tmp_path, monkeypatch):

@@ -275,13 +275,25 @@ def _check(gate_up: torch.Tensor, activation: str) -> None:
 
 
 def gated_activation_forward(
-    gate_up: torch.Tensor, activation: str, config: GatedConfig = DEFAULT_GATED_CONFIG
+    gate_up: torch.Tensor,
+    activation: str,
+    config: GatedConfig = DEFAULT_GATED_CONFIG,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton forward: act(gate) * up, shape [..., I], in gate_up's dtype."""
+    """Triton forward: act(gate) * up, shape [..., I], in gate_up's dtype. out: where it goes, [rows, I]
+    with dense rows that may be spaced wider (the first columns of a buffer the caller fills the rest of)."""
     _check(gate_up, activation)
     inter = gate_up.shape[-1] // 2
     gu = _as_rows(gate_up, 2 * inter)
-    y = torch.empty((gu.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
+    if out is None:
+        y = torch.empty((gu.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (gu.shape[0], inter) or out.stride(1) != 1 or out.dtype != gate_up.dtype:
+        raise KernelError(
+            f"gated_activation_forward: out must be [{gu.shape[0]}, {inter}] {gate_up.dtype} with dense rows, "
+            f"got {list(out.shape)} {out.dtype} with strides {list(out.stride())}."
+        )
+    else:
+        y = out
     if y.numel() > 0:
         grid, n_col_blocks, meta = _launch_args(gu.shape[0], inter, config.forward)
         _gated_fwd_kernel[grid](

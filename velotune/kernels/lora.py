@@ -191,9 +191,86 @@ def lora_branch_inputs(x_lora2: torch.Tensor, lora_a, layout: LoraLayout, lora_b
     return a, torch.mm(x_lora2, a.t()), [_cast(b, dtype) for b in lora_bs]
 
 
-def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs):
-    """y (as [T, out]), the cast A, x A^T and the cast Bs: the forward of `LoraProjectionFunction`."""
+def fold_width(weight, layout: LoraLayout, rows: int) -> int:
+    """R, the summed LoRA ranks, where the projection's forward folds its LoRA up-projection into the
+    base GEMM (`_folded_forward`), else 0. It folds where the weight is dequantized into scratch rows
+    per call anyway (a 4-bit weight with `linear_folded`, outside the few-row decoding kernel) and R
+    keeps the GEMM's rows 16-byte aligned in 16-bit (a multiple of 8: r = 8, 16, 32, ... do)."""
+    if _is_dense(weight) or not layout.blocks or not hasattr(weight, "linear_folded"):
+        return 0
+    r = sum(layout.lora_ranks)
+    return r if r % 8 == 0 and weight.folds(rows) else 0
+
+
+def folded_input(parts: tuple, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A [rows, in + R] buffer for the producer of a folded projection's input (`fold_width`; parts are
+    its `lora_parts()`) to write x into the first `in` columns of, then pass as `_fused_forward`'s wide:
+    x A^T then lands in the rest without a copy of x. None where the projection does not fold."""
+    weight, layout = parts[0], parts[4]
+    width = fold_width(weight, layout, rows)
+    return torch.empty(rows, layout.in_features + width, dtype=dtype, device=device) if width else None
+
+
+def lora_columns(layout: LoraLayout, bs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[out, R]: each LoRA block's s_i B_i in its rows and its rank's columns, zeros elsewhere (the
+    block-diagonal right half of the folded weight [W | cols])."""
+    if len(layout.out_sizes) == 1:
+        (_, scale), b = layout.blocks[0], bs[0]
+        return _cast(b, dtype) if scale == 1.0 else torch.mul(b, scale).to(dtype)
+    cols = torch.zeros(layout.out_features, sum(layout.lora_ranks), dtype=dtype, device=bs[0].device)
+    row_starts = [0]
+    for size in layout.out_sizes:
+        row_starts.append(row_starts[-1] + size)
+    col = 0
+    for (i, scale), b, r in zip(layout.blocks, bs, layout.lora_ranks):
+        torch.mul(b, scale, out=cols[row_starts[i] : row_starts[i + 1], col : col + r])
+        col += r
+    return cols
+
+
+def _folded_forward(x2, x_lora2, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide):
+    """`_fused_forward` as one GEMM: y = [x | x_lora A^T] @ [W | blockdiag(s_i B_i)]^T (+ b).
+
+    Where the LoRA term is added to the base GEMM's output by an addmm of K = r per block, that pass
+    reads and writes the whole output once more at a fraction of the memory bandwidth: ~200 us per
+    gate or up projection at Llama-3.1-8B and 4,096 tokens on an H100, the GEMM itself ~600 us
+    (benchmarks/results/h100-2026-11-24-s7/lora_fold_micro.md). Folded, the LoRA term costs R more
+    columns of K. wide: the caller's [T, in + R] buffer whose first `in` columns are x2 (the producer
+    of x wrote it there); x A^T goes into its last R columns. Without it x2 and x A^T are
+    concatenated here, which costs a copy of x (cheaper than the pass over the output when out > in)
+    and gives the same GEMM, hence the same result, as the caller's buffer would."""
+    dtype = x2.dtype
+    a = _cast(lora_a, dtype)
+    bs = [_cast(b, dtype) for b in lora_bs]
+    fan_in = x2.shape[1]
+    if wide is None:
+        xa = torch.mm(x_lora2, a.t())
+        wide = torch.cat((x2, xa), 1)
+    else:
+        if (
+            wide.data_ptr() != x2.data_ptr()
+            or wide.stride(0) != x2.stride(0)
+            or wide.shape[1] != fan_in + a.shape[0]
+        ):
+            raise KernelError(
+                f"a folded LoRA projection's input buffer must be [T, {fan_in} + {a.shape[0]}] with x in its first "
+                f"columns; got {list(wide.shape)} for x {list(x2.shape)} (row strides {wide.stride(0)}, {x2.stride(0)})."
+            )
+        xa = torch.mm(x_lora2, a.t(), out=wide[:, fan_in:])
+    y = weight.linear_folded(wide, lora_columns(layout, bs, dtype))
+    if bias is not None:
+        y.add_(bias)
+    return y, a, xa, bs
+
+
+def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide=None):
+    """y (as [T, out]), the cast A, x A^T and the cast Bs: the forward of `LoraProjectionFunction`.
+    wide: see `_folded_forward` (only read where the projection folds, `fold_width`)."""
     x2 = _rows(x)
+    if fold_width(weight, layout, x2.shape[0]):
+        return _folded_forward(
+            x2, x2 if x_lora is None else _rows(x_lora), weight, bias, lora_a, layout, lora_bs, wide
+        )
     y = _base_linear(x2, weight, bias)
     blocks = layout.blocks
     if not blocks:

@@ -180,9 +180,11 @@ def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) 
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: returns (y with x's shape, rstd [rows] float32)."""
+    """Triton forward: returns (y with x's shape, rstd [rows] float32). out: where y goes, [rows, hidden]
+    in the output dtype with dense rows that may be spaced wider (the first columns of a buffer whose
+    other columns the caller fills, as `velotune.kernels.lora`'s folded LoRA input)."""
     hidden = x.shape[-1]
     if hidden > MAX_HIDDEN:
         raise KernelError(
@@ -193,7 +195,16 @@ def rms_norm_forward(
         raise KernelError(f"rms_norm weight has shape {tuple(weight.shape)}, expected ({hidden},).")
     x2 = _as_rows(x, hidden)
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, hidden), dtype=rms_norm_output_dtype(x, weight, offset), device=x.device)
+    dtype = rms_norm_output_dtype(x, weight, offset)
+    if out is None:
+        y = torch.empty((n_rows, hidden), dtype=dtype, device=x.device)
+    elif out.shape != (n_rows, hidden) or out.stride(1) != 1 or out.dtype != dtype or out.device != x.device:
+        raise KernelError(
+            f"rms_norm_forward: out must be [{n_rows}, {hidden}] {dtype} on {x.device} with dense rows, got "
+            f"{list(out.shape)} {out.dtype} with strides {list(out.stride())}."
+        )
+    else:
+        y = out
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from velotune.kernels.attention import attention
-from velotune.kernels.lora import _fused_forward, _rows, lora_branch_inputs, lora_input_grad, with_cast_factors
+from velotune.kernels.lora import (
+    _fused_forward,
+    _rows,
+    folded_input,
+    lora_branch_inputs,
+    lora_input_grad,
+    with_cast_factors,
+)
 from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
 from velotune.memory.fused_mlp import FactorGradients, hand_written_parts
@@ -84,10 +91,16 @@ class FusedAttentionBlock:
         spec = self.spec
         batch, seq = x.shape[:2]
         with torch.no_grad():
-            normed, rstd = rms_norm_forward(x, self.norm.weight, self.norm.eps, self.norm.offset)
+            # Where q/k/v folds its LoRA into the base GEMM, the norm writes into the first columns of
+            # the GEMM's wider input (`velotune.kernels.lora.folded_input`).
+            hidden = x.shape[-1]
+            dtype = rms_norm_output_dtype(x, self.norm.weight, self.norm.offset)
+            wide = folded_input(qkv_parts, x.numel() // hidden, dtype, x.device)
+            normed, rstd = rms_norm_forward(x, self.norm.weight, self.norm.eps, self.norm.offset,
+                                            out=None if wide is None else wide[:, :hidden])  # fmt: skip
             normed = _rows(normed)
             w, b, a, bs, layout, _ = qkv_parts
-            qkv, a_c, xa, bs_c = _fused_forward(normed, None, w, b, a, layout, bs)
+            qkv, a_c, xa, bs_c = _fused_forward(normed, None, w, b, a, layout, bs, wide=wide)
             q, k, v = qkv.view(batch, seq, -1).split((spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
             q = q.view(batch, seq, spec.num_heads, spec.head_dim)
             k = k.view(batch, seq, spec.num_kv_heads, spec.head_dim)

@@ -39,6 +39,7 @@ from velotune.kernels.lora import (
     _is_dense,
     _rows,
     cast_factors,
+    folded_input,
     lora_branch_inputs,
     lora_factor_grads,
     lora_input_grad,
@@ -75,16 +76,28 @@ class FusedMLPBlock:
         gate_up, down = with_cast_factors((self.gate_up, self.down), (dtype, dtype))
         return gate_up, down
 
-    def _gate_up_act(self, xt: torch.Tensor, gate_up: tuple, gu: torch.Tensor | None = None):
-        """(normed, rstd, gate/up output, its LoRA pieces, activation) of one tile; with `gu` (the
-        tile's gate/up output kept from the forward) the gate/up GEMMs are skipped."""
-        n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset)
+    def _gate_up_act(self, xt: torch.Tensor, gate_up: tuple, gu: torch.Tensor | None = None, down=None):
+        """(normed, rstd, gate/up output, its LoRA pieces, activation, the activation's wide buffer or
+        None) of one tile; with `gu` (the tile's gate/up output kept from the forward) the gate/up
+        GEMMs are skipped. down: the down projection's parts when its GEMM follows (the forward): where
+        it folds its LoRA, the activation is written into the first columns of its wider input."""
+        rows, hidden = xt.shape
         w, b, a, bs, layout, _ = gate_up
+        # Where gate/up folds its LoRA into the base GEMM, the norm writes into that GEMM's wider input.
+        dtype = rms_norm_output_dtype(xt, self.norm.weight, self.norm.offset)
+        wide = folded_input(gate_up, rows, dtype, xt.device) if gu is None else None
+        n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset,
+                                   out=None if wide is None else wide[:, :hidden])  # fmt: skip
         if gu is None:
-            gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs)
+            gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs, wide=wide)
         else:
             a_c, xa, bs_c = lora_branch_inputs(n, a, layout, bs)
-        return n, rstd, gu, (a_c, xa, bs_c), gated_activation_forward(gu, self.activation)
+        act_wide = folded_input(down, rows, gu.dtype, gu.device) if down is not None else None
+        inter = gu.shape[-1] // 2
+        act = gated_activation_forward(
+            gu, self.activation, out=None if act_wide is None else act_wide[:, :inter]
+        )
+        return n, rstd, gu, (a_c, xa, bs_c), act, act_wide
 
     def tiled_forward(self, x: torch.Tensor, tile_tokens: int | None) -> torch.Tensor:
         """x + mlp(norm(x)) without a graph, one tile's intermediates at a time."""
@@ -100,11 +113,11 @@ class FusedMLPBlock:
         w, b, a, bs, layout, _ = down
         for start, end in token_tiles(rows.shape[0], tile_tokens):
             xt = rows[start:end]
-            _, _, gu, _, act = self._gate_up_act(xt, gate_up)
+            _, _, gu, _, act, act_wide = self._gate_up_act(xt, gate_up, down=down)
             if keep is not None:
                 kept.append(keep(gu))
             del gu
-            y = _fused_forward(act, None, w, b, a, layout, bs)[0]
+            y = _fused_forward(act, None, w, b, a, layout, bs, wide=act_wide)[0]
             torch.add(xt, y, out=out[start:end])
         return out.view(x.shape), kept
 
@@ -144,7 +157,7 @@ class FusedMLPBlock:
         for k, (start, end) in enumerate(tiles):
             xt, dyt = rows[start:end], d_rows[start:end]
             gu_kept, kept[k] = kept[k], None  # dropped from the list as each tile is used
-            n, rstd, gu, (a_gu, xa_gu, bs_gu), act = self._gate_up_act(xt, gate_up, gu_kept)
+            n, rstd, gu, (a_gu, xa_gu, bs_gu), act, _ = self._gate_up_act(xt, gate_up, gu_kept)
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)
@@ -190,7 +203,9 @@ class FactorGradients:
         """grads (one entry per parameter, None: none yet) plus the collected gradients, cast; the
         collection starts empty again."""
         found, self.found = self.found, []
-        for (i, _), g in zip(found, cast_factors([g for _, g in found], [self.params[i].dtype for i, _ in found])):
+        for (i, _), g in zip(
+            found, cast_factors([g for _, g in found], [self.params[i].dtype for i, _ in found])
+        ):
             grads[i] = g if grads[i] is None else grads[i].add_(g)
         return grads
 

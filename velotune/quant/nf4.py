@@ -179,9 +179,9 @@ def _quantize_blockwise_8bit_kernel(
 @triton.jit
 def _dequantize_nf4_chunk(
     chunk, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
-    n, n_bytes, n_blocks,
+    n, n_bytes, n_blocks, blocks_per_row, out_row_stride,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    VEC: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr,
+    VEC: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr, STRIDED: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCKSIZE // 2
     first = chunk * ROWS  # chunk is int64
@@ -210,7 +210,17 @@ def _dequantize_nf4_chunk(
     hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
     lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
     values = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-    if EVEN:
+    if STRIDED:
+        # Rows of the weight are whole blocks: block b starts at column (b % blocks_per_row) * BLOCKSIZE of
+        # row b // blocks_per_row, which sits out_row_stride elements after the row above it.
+        row = blocks // blocks_per_row
+        start = row * out_row_stride + (blocks - row * blocks_per_row) * BLOCKSIZE
+        ptrs = out_ptr + start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+        if EVEN:
+            tl.store(ptrs, values)
+        else:
+            tl.store(ptrs, values, mask=(blocks < n_blocks)[:, None])
+    elif EVEN:
         tl.store(out_ptr + first * BLOCKSIZE + elem_off, values)
     else:
         tl.store(out_ptr + first * BLOCKSIZE + elem_off, values, mask=elem_off < n - first * BLOCKSIZE)
@@ -222,9 +232,10 @@ def _dequantize_nf4_chunk(
 @triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    n, n_bytes, n_blocks, n_chunks,
+    n, n_bytes, n_blocks, n_chunks, blocks_per_row, out_row_stride,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     VEC: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr, PERSISTENT: tl.constexpr,
+    STRIDED: tl.constexpr,
 ):  # fmt: skip
     offset = 0.0
     if DOUBLE_QUANT:
@@ -235,12 +246,14 @@ def _dequantize_nf4_kernel(
         for i in tl.range(0, tl.cdiv(n_chunks - tl.program_id(0), step)):
             _dequantize_nf4_chunk(
                 chunk + i * step, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                out_ptr, n, n_bytes, n_blocks, BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT,
+                out_ptr, n, n_bytes, n_blocks, blocks_per_row, out_row_stride,
+                BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT, STRIDED,
             )  # fmt: skip
     else:
         _dequantize_nf4_chunk(
             chunk, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
-            n, n_bytes, n_blocks, BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT,
+            n, n_bytes, n_blocks, blocks_per_row, out_row_stride,
+            BLOCKSIZE, NESTED_BLOCKSIZE, ROWS, DOUBLE_QUANT, VEC, EVEN, EVICT, STRIDED,
         )  # fmt: skip
 
 
@@ -481,13 +494,29 @@ def quantize_nf4_triton(
     )
 
 
+def _row_strided(q: NF4Tensor, out: torch.Tensor) -> bool:
+    """Whether `out` is q's [rows, cols] shape with dense rows spaced further apart than cols (the first
+    columns of a wider buffer), rows made of whole blocks: what the kernel's STRIDED form writes."""
+    return (
+        out.dim() == 2
+        and len(q.shape) == 2
+        and tuple(out.shape) == tuple(q.shape)
+        and out.stride(1) == 1
+        and out.stride(0) > out.shape[1]
+        and q.shape[1] % q.blocksize == 0
+    )
+
+
 def _output(q: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=dtype, device=q.device)
-    if out.numel() != q.numel() or not out.is_contiguous() or out.device != q.device:
+    if out.device != q.device or not (
+        (out.numel() == q.numel() and out.is_contiguous()) or _row_strided(q, out)
+    ):
         raise KernelError(
-            f"dequantize_nf4: out must be a contiguous tensor of {q.numel()} elements on {q.device}, got "
-            f"{list(out.shape)} on {out.device} (contiguous={out.is_contiguous()})."
+            f"dequantize_nf4: out must be a contiguous tensor of {q.numel()} elements on {q.device}, or the "
+            f"first {list(q.shape)[-1:]} columns of wider rows (a [rows, cols] view, cols a multiple of the "
+            f"block size {q.blocksize}); got {list(out.shape)} with strides {list(out.stride())} on {out.device}."
         )
     return out
 
@@ -519,6 +548,7 @@ def dequantize_nf4_triton(
         grid = min(n_chunks, launch.programs_per_sm * _sm_count(out.device))
     vec = min(launch.load_bytes or max(1, 8 // out.element_size()), blocksize // 2)
     nested = q.double_quant
+    strided = not out.is_contiguous()  # _output allows only the row-strided form besides contiguous
     _dequantize_nf4_kernel[(grid,)](
         q.data,
         q.absmax,
@@ -531,6 +561,8 @@ def dequantize_nf4_triton(
         q.data.numel(),
         n_blocks,
         n_chunks,
+        q.shape[-1] // blocksize if strided else 1,
+        out.stride(0) if strided else 0,
         BLOCKSIZE=blocksize,
         NESTED_BLOCKSIZE=q.nested_blocksize,
         ROWS=rows,
@@ -539,6 +571,7 @@ def dequantize_nf4_triton(
         EVEN=n % (rows * blocksize) == 0,
         EVICT="evict_first" if launch.evict_first else "",
         PERSISTENT=launch.programs_per_sm > 0,
+        STRIDED=strided,
         num_warps=launch.num_warps,
         enable_fp_fusion=False,
     )
@@ -558,8 +591,9 @@ def quantize_nf4(
 def dequantize_nf4(
     q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The dequantized tensor in `dtype` (default: the original dtype), written into `out` when given
-    (a contiguous buffer of q.numel() elements, e.g. a slice of a reused scratch buffer)."""
+    """The dequantized tensor in `dtype` (default: the original dtype), written into `out` when given:
+    a contiguous buffer of q.numel() elements (e.g. a slice of a reused scratch buffer), or, for a 2-D
+    q whose rows are whole blocks, the first columns of wider rows (`NF4Weight.linear_folded`)."""
     if use_triton(q.data):
         return dequantize_nf4_triton(q, dtype, out)
     result = dequantize_nf4_reference(q, dtype if out is None else out.dtype)

@@ -233,6 +233,43 @@ class NF4Weight(nn.Module):
             y[:, row0 : row0 + q.shape[0]].addmm_(x2, w.t(), beta=0)
         return y
 
+    def folds(self, rows: int) -> bool:
+        """Whether a product with this many rows of x takes `linear_folded`: not the packed kernel of a
+        decoding step (`linear`'s few-row path), and rows made of whole quantization blocks (true of
+        every checkpoint; the dequantization writes rows into wider scratch rows block by block)."""
+        return rows > nf4_matmul.MAX_ROWS and all(q.shape[1] % q.blocksize == 0 for _, q in self.parts())
+
+    def linear_folded(self, x_wide: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """x_wide [T, in + R] @ [W | cols]^T -> [T, out]: x W^T plus the rank-R term x_wide[:, in:] cols^T
+        (a LoRA up-projection: cols holds the scaled B's, x_wide's last R columns x A^T), in one GEMM
+        per part rather than a GEMM and an accumulating pass over the output. Each part is dequantized
+        into the first `in` columns of scratch rows [rows, in + R] whose last R columns take its rows of
+        cols; whole, where `linear` dequantizes it whole (`whole_numel_limit`)."""
+        self._check_complete()
+        t, width = x_wide.shape if x_wide.dim() == 2 else (0, 0)
+        extra = width - self.in_features
+        if extra < 1 or cols.shape != (self.out_features, extra):
+            raise KernelError(
+                f"linear_folded: x [T, {self.in_features} + R] and cols [{self.out_features}, R] expected, got "
+                f"{list(x_wide.shape)} and {list(cols.shape)}."
+            )
+        parts = self.parts()
+        dtype = x_wide.dtype
+        if len(parts) == 1 or self.numel() <= self.whole_numel_limit:
+            w = scratch_buffer(self.out_features * width, self._device, dtype).view(self.out_features, width)
+            for row0, q in parts:
+                dequantize_nf4(q, out=w[row0 : row0 + q.shape[0], : self.in_features])
+            w[:, self.in_features :].copy_(cols)
+            return torch.mm(x_wide, w.t())
+        y = torch.empty(t, self.out_features, dtype=dtype, device=x_wide.device)
+        for row0, q in parts:
+            rows = q.shape[0]
+            w = scratch_buffer(rows * width, self._device, dtype).view(rows, width)
+            dequantize_nf4(q, out=w[:, : self.in_features])
+            w[:, self.in_features :].copy_(cols[row0 : row0 + rows])
+            y[:, row0 : row0 + rows].addmm_(x_wide, w.t(), beta=0)
+        return y
+
     def grad_input(self, dy2: torch.Tensor) -> torch.Tensor:
         """dy2 [T, out] @ W -> [T, in], accumulated part by part (each dequantized into the scratch buffer)."""
         self._check_complete()
