@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -115,6 +117,28 @@ def _projection(name, fan_in, blocks, tokens, rank, iters, pad) -> dict:
     }  # fmt: skip
 
 
+def dequant_rows(iters: int) -> list[dict]:
+    """The 4-bit weight's dequantization into contiguous scratch rows against the first columns of
+    wider rows (the folded form), at the 8B shapes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from velotune.quant.nf4 import dequantize_nf4_triton, quantize_nf4_triton
+
+    rows = []
+    for name, out, fan_in, extra in [("gate", 14336, 4096, 32), ("down", 4096, 14336, 16), ("q/k/v", 6144, 4096, 48)]:
+        q = quantize_nf4_triton(torch.randn(out, fan_in, device="cuda", dtype=torch.bfloat16) * 0.02)
+        flat = torch.empty(out, fan_in, device="cuda", dtype=torch.bfloat16)
+        wide = torch.empty(out, fan_in + extra, device="cuda", dtype=torch.bfloat16)
+        dequantize_nf4_triton(q, out=wide[:, :fan_in])
+        dequantize_nf4_triton(q, out=flat)
+        rows.append({
+            "weight": name, "shape": [out, fan_in], "extra_columns": extra,
+            "equal": bool(torch.equal(wide[:, :fan_in], flat)),
+            "contiguous_us": _time(lambda: dequantize_nf4_triton(q, out=flat), iters),
+            "row_strided_us": _time(lambda: dequantize_nf4_triton(q, out=wide[:, :fan_in]), iters),
+        })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -123,11 +147,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--pads", default="8,64,128", help="round the spare columns up to these multiples")
     args = parser.parse_args()
+    deq = dequant_rows(args.iters)
     rows = run(args.tokens, args.rank, args.iters, [int(p) for p in args.pads.split(",")])
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     with open(os.path.join(args.out, "lora_fold_micro.json"), "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "torch": torch.__version__, "rows": rows, "dequant": deq}, f, indent=1)
     cols = ["projection", "R", "K", "max_rel_diff", "base_gemm_us", "base_gemm_wide_k_us", "unfolded_us",
             "folded_us", "folded_per_part_us", "copy_x_into_wide_us"]  # fmt: skip
     lines = [f"# LoRA fold, forward GEMMs per projection ({device}, {args.tokens} tokens, r={args.rank})", "",
@@ -145,6 +170,9 @@ def main() -> None:
         "",
         f"Per layer, all four projections, each at its best padding: unfolded - folded = {saved:.0f} us.",
     ]
+    lines += ["", "NF4 dequantization (us): contiguous rows vs the first columns of wider rows", ""]
+    lines += [f"- {d['weight']} {d['shape']} +{d['extra_columns']}: {d['contiguous_us']:.1f} vs "
+              f"{d['row_strided_us']:.1f}, equal {d['equal']}" for d in deq]  # fmt: skip
     text = "\n".join(lines)
     with open(os.path.join(args.out, "lora_fold_micro.md"), "w") as f:
         f.write(text + "\n")
