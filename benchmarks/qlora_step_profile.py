@@ -279,6 +279,48 @@ def profile_step(model, optimizer, ids, trace: Path | None = None) -> dict:
     }
 
 
+def host_profile(model, optimizer, ids) -> dict:
+    """Where the host's time goes in one step: the time to enqueue it (forward, backward, optimizer,
+    no synchronisation; a host that waits on the GPU inside shows it as time in a synchronising call)
+    against the step's wall time, and cProfile's functions by own time. A host-bound step enqueues in
+    about its wall time; a GPU-bound one well before."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    issued = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:30]
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    return {
+        "issue_ms": issued * 1e3,
+        "wall_ms": wall * 1e3,
+        "top_own_time": [
+            {"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_ms": tt * 1e3, "cumulative_ms": ct * 1e3}
+            for (f, line, name), (_, nc, tt, ct, _) in top
+        ],
+        "by_cumulative": text.getvalue(),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -290,6 +332,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="profile one step of each configuration")
     p.add_argument("--trace", action="store_true", help="write a gzipped chrome trace of each profiled step")
     p.add_argument("--configs", default=",".join(str(i) for i in range(len(CONFIGS))), help="indices into CONFIGS")
+    p.add_argument("--host", action="store_true", help="time the host's enqueueing of a step and cProfile it")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("qlora_step_profile needs a CUDA GPU")
@@ -358,6 +401,13 @@ def main() -> int:
                "planner_gib": plan.total / GIB, "losses": losses[index], "step_samples_ms": [v * 1e3 for v in samples[index]]}  # fmt: skip
         trace = args.out / f"trace-{index}.json.gz" if args.trace else None
         row["profile"] = profile_step(model, optimizer, ids, trace) if args.profile else {}
+        if args.host:
+            row["host"] = host_profile(model, optimizer, ids)
+            print(f"{label}: host enqueues the step in {row['host']['issue_ms']:.1f} ms of its "
+                  f"{row['host']['wall_ms']:.1f} ms; own time:", flush=True)  # fmt: skip
+            for item in row["host"]["top_own_time"][:25]:
+                print(f"    {item['own_ms']:8.2f} ms own {item['cumulative_ms']:8.2f} cum {item['calls']:6d}x "
+                      f"{item['function']}", flush=True)  # fmt: skip
         rows.append(row)
         prof = row["profile"]
         busy = f"  GPU busy {prof['gpu_busy_ms']:.1f} of {prof['kernel_span_ms']:.1f} ms" if prof else ""
