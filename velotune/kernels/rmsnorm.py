@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
+from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 
 MAX_HIDDEN = 16384
@@ -208,7 +209,7 @@ def rms_norm_forward(
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)
-        _rms_norm_fwd_kernel[(n_rows,)](
+        launch_kernel(_rms_norm_fwd_kernel, (n_rows,),
             x2,
             weight.contiguous(),
             y,
@@ -243,7 +244,7 @@ def rms_norm_backward(
     block = triton.next_power_of_2(hidden)
     if not compute_dw:
         if n_rows > 0:
-            _rms_norm_bwd_dx_kernel[(n_rows,)](
+            launch_kernel(_rms_norm_bwd_dx_kernel, (n_rows,),
                 dy2,
                 x2,
                 w,
@@ -263,7 +264,7 @@ def rms_norm_backward(
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        _rms_norm_bwd_kernel[(n_programs,)](
+        launch_kernel(_rms_norm_bwd_kernel, (n_programs,),
             dy2,
             x2,
             w,
