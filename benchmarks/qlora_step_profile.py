@@ -295,15 +295,35 @@ def host_profile(model, optimizer, ids) -> dict:
     import io
     import pstats
 
+    # Per layer of the forward: when the host finished enqueueing it (perf_counter) and when the GPU
+    # finished running it (an event after it; events do not synchronise), from the step's start.
+    marks: list[tuple[float, torch.cuda.Event]] = []
+    real_layer_step = checkpoint_module._layer_step
+
+    def timed_layer_step(*args):
+        out = real_layer_step(*args)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((time.perf_counter(), event))
+        return out
+
+    checkpoint_module._layer_step = timed_layer_step
+    start_event = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
+    start_event.record()
+    try:
+        loss = model(input_ids=ids, labels=ids).loss
+    finally:
+        checkpoint_module._layer_step = real_layer_step
+    forward_issued = time.perf_counter() - t0
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     issued = time.perf_counter() - t0
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    layers = [((t - t0) * 1e3, start_event.elapsed_time(e)) for t, e in marks]
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
@@ -318,6 +338,8 @@ def host_profile(model, optimizer, ids) -> dict:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
     return {
+        "forward_issue_ms": forward_issued * 1e3,
+        "layers_host_gpu_ms": layers,
         "issue_ms": issued * 1e3,
         "wall_ms": wall * 1e3,
         "top_own_time": [
@@ -410,8 +432,11 @@ def main() -> int:
         row["profile"] = profile_step(model, optimizer, ids, trace) if args.profile else {}
         if args.host:
             row["host"] = host_profile(model, optimizer, ids)
-            print(f"{label}: host enqueues the step in {row['host']['issue_ms']:.1f} ms of its "
-                  f"{row['host']['wall_ms']:.1f} ms; own time:", flush=True)  # fmt: skip
+            host = row["host"]
+            print(f"{label}: host enqueues the step in {host['issue_ms']:.1f} ms of its {host['wall_ms']:.1f} ms, "
+                  f"the forward in {host['forward_issue_ms']:.1f} ms; per layer, host done / GPU done (ms):\n    "
+                  + ", ".join(f"{h:.0f}/{g:.0f}" for h, g in host["layers_host_gpu_ms"]) + "\n  own time:",
+                  flush=True)  # fmt: skip
             for item in row["host"]["top_own_time"][:25]:
                 print(f"    {item['own_ms']:8.2f} ms own {item['cumulative_ms']:8.2f} cum {item['calls']:6d}x "
                       f"{item['function']}", flush=True)  # fmt: skip
