@@ -33,7 +33,6 @@ from benchmarks.profile_step import CATEGORIES as STEP_CATEGORIES  # noqa: E402
 from benchmarks.profile_step import categorize as categorize_among  # noqa: E402
 from benchmarks.qlora_70b import build_random_qlora_model  # noqa: E402
 from benchmarks.shapes import model_config  # noqa: E402
-import velotune.kernels._launch as launch_module  # noqa: E402
 import velotune.kernels.lora as lora_module  # noqa: E402
 import velotune.memory.checkpoint as checkpoint_module  # noqa: E402
 import velotune.memory.fused_attention as fused_attention_module  # noqa: E402
@@ -48,7 +47,6 @@ CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset")
 AUTOGRAD_ATTENTION = "autograd attention half"
 PER_FACTOR_CASTS = "a cast per LoRA factor"
 UNFOLDED = "LoRA added after the base GEMM"
-TRITON_RUN = "Triton's own launches"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -74,14 +72,10 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     # kernels.lora folded it into the base GEMM (the label says so; see `configure`).
     (f"offload, full, {UNFOLDED}", "offload", "full", None),
     (f"offload, save_mlp, 16 kept, {UNFOLDED}", "offload", "save_mlp", 16),
-    # Every Triton kernel launched through JITFunction.run, as before kernels._launch.
-    (f"offload, full, {TRITON_RUN}", "offload", "full", None),
-    (f"offload, save_mlp, 16 kept, {TRITON_RUN}", "offload", "save_mlp", 16),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
 CAST_FACTORS = lora_module.cast_factors
 FOLD_WIDTH = lora_module.fold_width
-COMPILED_LAUNCHES = launch_module._compiled_launches
 
 
 def _cast_each(tensors, dtypes):
@@ -100,7 +94,6 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     for module in (lora_module, fused_mlp_module, fused_attention_module):
         module.cast_factors = cast
     lora_module.fold_width = (lambda *args: 0) if label.endswith(UNFOLDED) else FOLD_WIDTH
-    launch_module._compiled_launches = (lambda first: False) if label.endswith(TRITON_RUN) else COMPILED_LAUNCHES
     return label, mode, policy, kept
 
 

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -297,7 +296,7 @@ def gated_activation_forward(
         y = out
     if y.numel() > 0:
         grid, n_col_blocks, meta = _launch_args(gu.shape[0], inter, config.forward)
-        launch_kernel(_gated_fwd_kernel, grid,
+        _gated_fwd_kernel[grid](
             gu, y, inter, n_col_blocks, gu.stride(0), y.stride(0), GELU=activation == "gelu_tanh", **meta
         )
     return y.view(*gate_up.shape[:-1], inter)
@@ -321,7 +320,7 @@ def gated_activation_backward(
     dgu = gu if in_place else torch.empty(gu.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dgu.numel() > 0:
         grid, n_col_blocks, meta = _launch_args(gu.shape[0], inter, config.backward)
-        launch_kernel(_gated_bwd_kernel, grid,
+        _gated_bwd_kernel[grid](
             dy2,
             gu,
             dgu,

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 
 # Largest logits chunk buffer (bytes, in the input dtype). At vocab 128,256 in bf16 this is 1,046
@@ -260,7 +259,7 @@ def _softmax_ce_inplace_triton(
     programs = rows
     if config.programs_per_sm:
         programs = min(rows, config.programs_per_sm * _sm_count(logits.device))
-    launch_kernel(_softmax_ce_inplace_kernel, (programs,),
+    _softmax_ce_inplace_kernel[(programs,)](
         logits,
         labels,
         loss,

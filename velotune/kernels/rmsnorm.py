@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 
 MAX_HIDDEN = 16384
@@ -209,7 +208,7 @@ def rms_norm_forward(
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)
-        launch_kernel(_rms_norm_fwd_kernel, (n_rows,),
+        _rms_norm_fwd_kernel[(n_rows,)](
             x2,
             weight.contiguous(),
             y,
@@ -244,7 +243,7 @@ def rms_norm_backward(
     block = triton.next_power_of_2(hidden)
     if not compute_dw:
         if n_rows > 0:
-            launch_kernel(_rms_norm_bwd_dx_kernel, (n_rows,),
+            _rms_norm_bwd_dx_kernel[(n_rows,)](
                 dy2,
                 x2,
                 w,
@@ -264,7 +263,7 @@ def rms_norm_backward(
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        launch_kernel(_rms_norm_bwd_kernel, (n_programs,),
+        _rms_norm_bwd_kernel[(n_programs,)](
             dy2,
             x2,
             w,

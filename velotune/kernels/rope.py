@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 
 
@@ -196,7 +195,7 @@ def rope_launch(
     pass_dim = head_dim - rot
     block_pass = triton.next_power_of_2(pass_dim) if pass_dim > 0 else 0
     if bsz * seq_len > 0:
-        launch_kernel(_rope_kernel, (bsz * seq_len,),
+        _rope_kernel[(bsz * seq_len,)](
             q_args[0],
             k_args[0],
             q_args[1],

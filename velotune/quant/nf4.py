@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.kernels._dispatch import use_triton
 from velotune.quant.codes import dynamic_code_8bit, midpoints, nf4_code
 
@@ -450,7 +449,7 @@ def _quantize_8bit_triton(
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     rows = max(1, 1024 // blocksize)
-    launch_kernel(_quantize_blockwise_8bit_kernel, (triton.cdiv(n_blocks, rows),),
+    _quantize_blockwise_8bit_kernel[(triton.cdiv(n_blocks, rows),)](
         x, offset, codes, absmax, midpoints(table), n, n_blocks,
         BLOCKSIZE=blocksize, ROWS=rows, LOG2_CODES=8, HAS_TAIL=n % blocksize != 0,
     )  # fmt: skip
@@ -472,7 +471,7 @@ def quantize_nf4_triton(
     data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     rows = _rows_per_program(blocksize)
-    launch_kernel(_quantize_nf4_kernel, (triton.cdiv(n_blocks, rows),),
+    _quantize_nf4_kernel[(triton.cdiv(n_blocks, rows),)](
         x, data, absmax, midpoints(code), n, n_blocks,
         BLOCKSIZE=blocksize, ROWS=rows, N_THRESHOLDS=15, HAS_TAIL=n % blocksize != 0,
     )  # fmt: skip
@@ -550,7 +549,7 @@ def dequantize_nf4_triton(
     vec = min(launch.load_bytes or max(1, 8 // out.element_size()), blocksize // 2)
     nested = q.double_quant
     strided = not out.is_contiguous()  # _output allows only the row-strided form besides contiguous
-    launch_kernel(_dequantize_nf4_kernel, (grid,),
+    _dequantize_nf4_kernel[(grid,)](
         q.data,
         q.absmax,
         q.code,

@@ -47,7 +47,6 @@ import triton
 import triton.language as tl
 
 from velotune.errors import KernelError
-from velotune.kernels._launch import launch_kernel
 from velotune.quant.nf4 import NF4Tensor, dequantize_nf4_reference
 
 ROWS_LIMIT = 16  # rows of x the kernel takes (BLOCK_M up to 16)
@@ -251,7 +250,7 @@ def nf4_matmul_triton(
         target = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
         stride_os, stride_om = m * n, n
     nested = q.double_quant
-    launch_kernel(_nf4_matmul_kernel, (programs_n, split),
+    _nf4_matmul_kernel[(programs_n, split)](
         x2, q.data, q.absmax, q.code,
         q.nested_absmax if nested else q.absmax, q.nested_code if nested else q.code,
         q.nested_offset if nested else q.absmax, target,
@@ -263,7 +262,7 @@ def nf4_matmul_triton(
     )  # fmt: skip
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
-        launch_kernel(_sum_splits_kernel, (m, triton.cdiv(n, block)), target, out, m, n, split, out.stride(0), BLOCK=block)
+        _sum_splits_kernel[(m, triton.cdiv(n, block))](target, out, m, n, split, out.stride(0), BLOCK=block)
     return out
 
 
