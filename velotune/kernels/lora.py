@@ -32,6 +32,9 @@ The base weight may also be a quantized weight object (`velotune.quant.nf4_weigh
 object with `linear(x2)`, `grad_input(dy2)` and `dequantize()`): the Function then has it compute
 x W^T and dy W itself, dequantizing into a reused scratch buffer inside each call, and keeps only
 the object (never a dense copy) for backward; the reference path dequantizes it to a dense tensor.
+Where that object also has `linear_folded` (and the block layout allows, `fold_width`), the forward
+is one GEMM over [x | x A^T] and [W | blockdiag(s_i B_i)] instead of the base GEMM plus one
+accumulating addmm per block (`_folded_forward`); the backward is the same either way.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ A fused weight whose parts together fit that bound (`whole_numel_limit`, set by 
 model's largest block: Llama-3-8B's q/k/v, 50 MB) is dequantized whole instead, so its GEMMs run
 once over all its rows: one [T, 6144] GEMM instead of three (4,096, 1,024 and 1,024 wide, the
 narrow ones well below the tensor cores' rate), and in the backward no accumulation pass per part.
+`linear_folded` runs a LoRA projection's forward as one GEMM: each part is dequantized into the first
+columns of wider scratch rows whose last columns hold the scaled LoRA B's (`velotune.kernels.lora`).
 The buffer is not stream-aware: it assumes the projections run on one CUDA stream, in order.
 """
 
