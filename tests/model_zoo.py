@@ -43,14 +43,8 @@ def _rope_longrope(rotary_dim: int) -> dict:
 FAMILY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         **COMMON,
-        rope_parameters={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-            "rope_theta": 500000.0,
-        },
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16, "rope_theta": 500000.0},
     ),  # fmt: skip
     "llama_tied_bias": lambda: transformers.LlamaConfig(
         **COMMON, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
