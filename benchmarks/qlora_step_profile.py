@@ -47,6 +47,7 @@ CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset")
 AUTOGRAD_ATTENTION = "autograd attention half"
 PER_FACTOR_CASTS = "a cast per LoRA factor"
 UNFOLDED = "LoRA added after the base GEMM"
+GRAPHS = "forward graphs"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -72,6 +73,9 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     # kernels.lora folded it into the base GEMM (the label says so; see `configure`).
     (f"offload, full, {UNFOLDED}", "offload", "full", None),
     (f"offload, save_mlp, 16 kept, {UNFOLDED}", "offload", "save_mlp", 16),
+    # Each layer's first forward replayed from a CUDA graph (velotune.memory.forward_graphs).
+    (f"offload, full, {GRAPHS}", "offload", "full", None),
+    (f"GPU checkpoints, full, {GRAPHS}", True, "full", None),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
 CAST_FACTORS = lora_module.cast_factors
@@ -94,6 +98,7 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     for module in (lora_module, fused_mlp_module, fused_attention_module):
         module.cast_factors = cast
     lora_module.fold_width = (lambda *args: 0) if label.endswith(UNFOLDED) else FOLD_WIDTH
+    model.forward_graphs = label.endswith(GRAPHS)
     return label, mode, policy, kept
 
 
@@ -115,6 +120,10 @@ def check_policies(model, ids) -> dict:
         label, mode, _, _ = configure(model, index)
         if not mode:
             continue
+        if label.endswith(GRAPHS):
+            # The first step at a shape runs eagerly, the next captures (and replays): check a replay.
+            for _ in range(2):
+                grads_of(model, ids)
         loss, grads = grads_of(model, ids)
         if ref is None:
             ref_loss, ref = loss, grads

@@ -48,6 +48,7 @@ from torch import nn
 from velotune.errors import ConfigError, KernelError
 from velotune.memory.offload import ActivationStore, SavedTensor
 from velotune.memory.fused_attention import fused_attention_block
+from velotune.memory.forward_graphs import step_graphs
 from velotune.memory.fused_mlp import fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
@@ -96,6 +97,7 @@ class _Segment:
         offload: bool,
         keep_tail_input: bool = False,
         keep_gate_up: bool = False,
+        graph_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if (keep_tail_input or keep_gate_up) and head is None:
             raise KernelError("a checkpoint without a head has no tail input to keep: its input is it.")
@@ -104,6 +106,7 @@ class _Segment:
         self.head, self.tail, self.params = head, tail, list(params)
         self.tile_tokens, self.store, self.offload = tile_tokens, store, offload
         self.keep_tail_input, self.keep_gate_up = keep_tail_input, keep_gate_up
+        self.graph_forward = graph_forward  # tail(head(x)) replayed from a CUDA graph (forward_graphs)
         self.saved: SavedTensor | None = None
         self.saved_tail_input: SavedTensor | None = None
         self.saved_gate_up: list[SavedTensor] = []
@@ -117,6 +120,8 @@ class _Segment:
         self.rng = _rng_state(x.device)
         kind = x.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        if self.graph_forward is not None:
+            return self.graph_forward(x)
         h = self.head(x) if self.head is not None else x
         if self.keep_tail_input:
             self.tail_rng = _rng_state(x.device)  # the tail's backward runs first: it replays from here
@@ -241,6 +246,7 @@ def recompute(
     offload: bool = False,
     keep_tail_input: bool = False,
     keep_gate_up: bool = False,
+    graph_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """tail(head(x)), keeping only x for the backward (on the device, or offloaded through `store`).
 
@@ -253,9 +259,12 @@ def recompute(
         offload: copy x to pinned host memory (CUDA tensors only).
         keep_tail_input, keep_gate_up: also keep head(x), and the fused MLP tail's gate/up output
             (see `_Segment`).
+        graph_forward: computes tail(head(x)) in the forward instead (a CUDA graph's replay,
+            `velotune.memory.forward_graphs`); the backward recomputes through head and tail.
     """
     store = store if store is not None else ActivationStore()
-    segment = _Segment(head, tail, params, tile_tokens, store, offload, keep_tail_input, keep_gate_up)
+    segment = _Segment(head, tail, params, tile_tokens, store, offload, keep_tail_input, keep_gate_up,
+                       graph_forward)  # fmt: skip
     return _Recompute.apply(segment, x, *params)
 
 
@@ -333,6 +342,9 @@ def run_layers(
         store.begin_forward()
     last = len(model.layers) - 1
     keeping = gate_up_keeping_layers(model) if mode and policy == "save_mlp" else frozenset()
+    graphs = None
+    if mode and policy == "full" and not any(hasattr(layer, SHARDED_CALL) for layer in model.layers):
+        graphs = step_graphs(model, x, cos, sin, key_padding_mask, cu_seqlens)
     for i, layer in enumerate(model.layers):
         if not mode and not tile:
             x = layer(x, cos, sin, key_padding_mask, cu_seqlens)
@@ -340,21 +352,23 @@ def run_layers(
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
         step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload,
-                i in keeping)  # fmt: skip
+                i in keeping, graphs, i)  # fmt: skip
         sharded_call = getattr(layer, SHARDED_CALL, None)
         x = sharded_call(_layer_step, *step) if sharded_call is not None else _layer_step(layer, *step)
     return x
 
 
 def _layer_step(
-    layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload, keep_gate_up
-):
+    layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload, keep_gate_up,
+    graphs=None, index=0,
+):  # fmt: skip
     """One layer under checkpointing or tiling: everything here that reads the layer's parameters."""
 
     def attention_half(t):
         return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
 
     # The hand-written attention half (its recomputation skips what no gradient needs) where it applies.
+    fallback_half = attention_half
     attention_half = fused_attention_block(layer, x, cos, sin, key_padding_mask, cu_seqlens) or attention_half
     fused = fused_mlp_block(layer, x)
     mlp_block = fused if fused is not None else layer.mlp_block
@@ -365,7 +379,18 @@ def _layer_step(
         # Nothing to differentiate here: no graph, so nothing to save either.
         return tokenwise_forward(mlp_block, attention_half(x), tile)
     if mode and policy == "full":
-        return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload)
+        graph_forward = None
+        if graphs is not None and fused is not None and attention_half is not fallback_half:
+
+            def build(static_cos, static_sin):
+                head = fused_attention_block(layer, x, static_cos, static_sin, None, None)
+                return lambda t: tokenwise_forward(fused, head(t), tile)
+
+            def graph_forward(t):
+                return graphs.run(index, build, t)
+
+        return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
+                         graph_forward=graph_forward)  # fmt: skip
     if mode and policy == "save_mlp":
         return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
                          keep_tail_input=True, keep_gate_up=keep_gate_up and fused is not None)  # fmt: skip

@@ -38,17 +38,26 @@ _FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "nested_off
 # The fields with one value per element or per block; the others are small tables (273 floats).
 _PER_ELEMENT = ("data", "absmax", "nested_absmax")
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# Bumped whenever a scratch buffer is (re)allocated or released: CUDA graphs that captured one
+# (velotune.memory.forward_graphs) are stale after that.
+_scratch_generation = 0
+
+
+def scratch_generation() -> int:
+    return _scratch_generation
 
 
 def scratch_buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A flat buffer of at least `numel` elements, reused by every caller on (device, dtype); its
     contents are valid only until the next call."""
+    global _scratch_generation
     key = (torch.device(device), dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < numel:
         _scratch.pop(key, None)  # release the smaller one before allocating
         buf = torch.empty(numel, dtype=dtype, device=device)
         _scratch[key] = buf
+        _scratch_generation += 1
     return buf[:numel]
 
 
@@ -63,7 +72,9 @@ def _float32_bits(t: torch.Tensor) -> torch.Tensor:
 
 def release_scratch() -> None:
     """Frees the scratch buffers (they are re-allocated on next use)."""
+    global _scratch_generation
     _scratch.clear()
+    _scratch_generation += 1
 
 
 class NF4Weight(nn.Module):
