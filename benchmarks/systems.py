@@ -212,10 +212,22 @@ def load_velotune_save_mlp(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[
     return model, notes
 
 
+def load_velotune_graphs(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """velotune with `forward_graphs = True`: each checkpointed layer's first forward replayed from a
+    CUDA graph (velotune.memory.forward_graphs), the default checkpointing otherwise."""
+    if spec["method"] == "full":
+        raise NotApplicable("full fine-tuning: the velotune system already chooses its checkpointing")
+    model, notes = load_velotune(spec)
+    model.forward_graphs = True
+    notes["forward_graphs"] = True
+    return model, notes
+
+
 LOADERS: dict[str, Callable[[dict[str, Any]], tuple[torch.nn.Module, dict[str, Any]]]] = {
     "velotune": load_velotune,
     "velotune_no_recompute": load_velotune_no_recompute,
     "velotune_save_mlp": load_velotune_save_mlp,
+    "velotune_graphs": load_velotune_graphs,
     "hf_peft": load_hf_peft,
     "hf_peft_bnb": load_hf_peft_bnb,
     "liger": load_liger,
