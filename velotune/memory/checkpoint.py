@@ -368,8 +368,8 @@ def _layer_step(
         return layer.attention_block(t, cos, sin, key_padding_mask, cu_seqlens)
 
     # The hand-written attention half (its recomputation skips what no gradient needs) where it applies.
-    fallback_half = attention_half
-    attention_half = fused_attention_block(layer, x, cos, sin, key_padding_mask, cu_seqlens) or attention_half
+    hand_written_half = fused_attention_block(layer, x, cos, sin, key_padding_mask, cu_seqlens)
+    attention_half = hand_written_half or attention_half
     fused = fused_mlp_block(layer, x)
     mlp_block = fused if fused is not None else layer.mlp_block
     if fused is not None and fused.dense and auto_tile:
@@ -380,7 +380,7 @@ def _layer_step(
         return tokenwise_forward(mlp_block, attention_half(x), tile)
     if mode and policy == "full":
         graph_forward = None
-        if graphs is not None and fused is not None and attention_half is not fallback_half:
+        if graphs is not None and fused is not None and hand_written_half is not None:
 
             def build(static_cos, static_sin):
                 head = fused_attention_block(layer, x, static_cos, static_sin, None, None)

@@ -33,14 +33,13 @@ from velotune.kernels.attention import attention
 from velotune.kernels.lora import (
     _fused_forward,
     _rows,
-    folded_input,
     lora_branch_inputs,
     lora_input_grad,
     with_cast_factors,
 )
-from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_forward, rms_norm_output_dtype
+from velotune.kernels.rmsnorm import rms_norm_backward, rms_norm_output_dtype
 from velotune.kernels.rope import rope_launch
-from velotune.memory.fused_mlp import FactorGradients, hand_written_parts
+from velotune.memory.fused_mlp import FactorGradients, hand_written_parts, norm_into_folded_input
 from velotune.models.layers import Attention, DecoderLayer
 
 
@@ -91,14 +90,7 @@ class FusedAttentionBlock:
         spec = self.spec
         batch, seq = x.shape[:2]
         with torch.no_grad():
-            # Where q/k/v folds its LoRA into the base GEMM, the norm writes into the first columns of
-            # the GEMM's wider input (`velotune.kernels.lora.folded_input`).
-            hidden = x.shape[-1]
-            dtype = rms_norm_output_dtype(x, self.norm.weight, self.norm.offset)
-            wide = folded_input(qkv_parts, x.numel() // hidden, dtype, x.device)
-            normed, rstd = rms_norm_forward(x, self.norm.weight, self.norm.eps, self.norm.offset,
-                                            out=None if wide is None else wide[:, :hidden])  # fmt: skip
-            normed = _rows(normed)
+            normed, rstd, wide = norm_into_folded_input(x, self.norm, qkv_parts)
             w, b, a, bs, layout, _ = qkv_parts
             qkv, a_c, xa, bs_c = _fused_forward(normed, None, w, b, a, layout, bs, wide=wide)
             q, k, v = qkv.view(batch, seq, -1).split((spec.q_size, spec.kv_size, spec.kv_size), dim=-1)

@@ -81,13 +81,9 @@ class FusedMLPBlock:
         None) of one tile; with `gu` (the tile's gate/up output kept from the forward) the gate/up
         GEMMs are skipped. down: the down projection's parts when its GEMM follows (the forward): where
         it folds its LoRA, the activation is written into the first columns of its wider input."""
-        rows, hidden = xt.shape
+        rows = xt.shape[0]
         w, b, a, bs, layout, _ = gate_up
-        # Where gate/up folds its LoRA into the base GEMM, the norm writes into that GEMM's wider input.
-        dtype = rms_norm_output_dtype(xt, self.norm.weight, self.norm.offset)
-        wide = folded_input(gate_up, rows, dtype, xt.device) if gu is None else None
-        n, rstd = rms_norm_forward(xt, self.norm.weight, self.norm.eps, self.norm.offset,
-                                   out=None if wide is None else wide[:, :hidden])  # fmt: skip
+        n, rstd, wide = norm_into_folded_input(xt, self.norm, gate_up if gu is None else None)
         if gu is None:
             gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs, wide=wide)
         else:
@@ -178,6 +174,19 @@ class FusedMLPBlock:
             else:
                 torch.add(d_norm, dyt, out=dx[start:end])
         return (dx.view(x.shape) if dx is not None else None), grads
+
+
+def norm_into_folded_input(x: torch.Tensor, norm, parts: tuple | None):
+    """(rmsnorm(x) as rows, rstd, the buffer it was written into or None). Where the projection it
+    feeds (`parts`, its `lora_parts()`; None: no projection follows) folds its LoRA into the base GEMM,
+    the norm writes into the first columns of that GEMM's wider input (`folded_input`), which goes to
+    `_fused_forward` as `wide`."""
+    hidden = x.shape[-1]
+    dtype = rms_norm_output_dtype(x, norm.weight, norm.offset)
+    wide = folded_input(parts, x.numel() // hidden, dtype, x.device) if parts is not None else None
+    normed, rstd = rms_norm_forward(x, norm.weight, norm.eps, norm.offset,
+                                    out=None if wide is None else wide[:, :hidden])  # fmt: skip
+    return _rows(normed), rstd, wide
 
 
 class FactorGradients:
