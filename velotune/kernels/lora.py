@@ -218,15 +218,13 @@ def lora_columns(layout: LoraLayout, bs: Sequence[torch.Tensor], dtype: torch.dt
     """[out, R]: each LoRA block's s_i B_i in its rows and its rank's columns, zeros elsewhere (the
     block-diagonal right half of the folded weight [W | cols])."""
     if len(layout.out_sizes) == 1:
-        (_, scale), b = layout.blocks[0], bs[0]
-        return _cast(b, dtype) if scale == 1.0 else torch.mul(b, scale).to(dtype)
+        (_, scale), b = layout.blocks[0], _cast(bs[0], dtype)
+        return b if scale == 1.0 else b * scale
     cols = torch.zeros(layout.out_features, sum(layout.lora_ranks), dtype=dtype, device=bs[0].device)
-    row_starts = [0]
-    for size in layout.out_sizes:
-        row_starts.append(row_starts[-1] + size)
+    row_blocks = cols.split_with_sizes(layout.out_sizes, 0)
     col = 0
     for (i, scale), b, r in zip(layout.blocks, bs, layout.lora_ranks):
-        torch.mul(b, scale, out=cols[row_starts[i] : row_starts[i + 1], col : col + r])
+        torch.mul(b, scale, out=row_blocks[i][:, col : col + r])
         col += r
     return cols
 
@@ -246,20 +244,16 @@ def _folded_forward(x2, x_lora2, weight, bias, lora_a, layout: LoraLayout, lora_
     a = _cast(lora_a, dtype)
     bs = [_cast(b, dtype) for b in lora_bs]
     fan_in = x2.shape[1]
+    if wide is not None and (
+        wide.data_ptr() != x2.data_ptr() or wide.stride(0) != x2.stride(0) or wide.shape[1] != fan_in + a.shape[0]
+    ):
+        raise KernelError(
+            f"a folded LoRA projection's input buffer must be [T, {fan_in} + {a.shape[0]}] with x in its first "
+            f"columns; got {list(wide.shape)} for x {list(x2.shape)} (row strides {wide.stride(0)}, {x2.stride(0)})."
+        )
+    xa = torch.mm(x_lora2, a.t(), out=None if wide is None else wide[:, fan_in:])
     if wide is None:
-        xa = torch.mm(x_lora2, a.t())
         wide = torch.cat((x2, xa), 1)
-    else:
-        if (
-            wide.data_ptr() != x2.data_ptr()
-            or wide.stride(0) != x2.stride(0)
-            or wide.shape[1] != fan_in + a.shape[0]
-        ):
-            raise KernelError(
-                f"a folded LoRA projection's input buffer must be [T, {fan_in} + {a.shape[0]}] with x in its first "
-                f"columns; got {list(wide.shape)} for x {list(x2.shape)} (row strides {wide.stride(0)}, {x2.stride(0)})."
-            )
-        xa = torch.mm(x_lora2, a.t(), out=wide[:, fan_in:])
     y = weight.linear_folded(wide, lora_columns(layout, bs, dtype))
     if bias is not None:
         y.add_(bias)

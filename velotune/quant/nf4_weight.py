@@ -216,11 +216,16 @@ class NF4Weight(nn.Module):
         buf = scratch_buffer(q.numel(), self._device, dtype)
         return dequantize_nf4(q, out=buf).view(q.shape)
 
+    def _dequantized_whole(self) -> bool:
+        """Whether the GEMMs dequantize this weight whole: one part, or several that together fit
+        `whole_numel_limit` (else they go part by part)."""
+        return len(self.parts()) == 1 or self.numel() <= self.whole_numel_limit
+
     def _whole_in_scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The whole [out, in] weight dequantized into the scratch buffer, when it has several parts
-        and fits `whole_numel_limit`; else None (the GEMMs go part by part)."""
-        parts = self.parts()
-        if len(parts) == 1 or self.numel() > self.whole_numel_limit:
+        """The whole [out, in] weight of several parts dequantized into the scratch buffer, where it is
+        dequantized whole (`_dequantized_whole`); else None (a single part goes by `_part_in_scratch`,
+        several by part)."""
+        if len(self.parts()) == 1 or not self._dequantized_whole():
             return None
         return self.dequantize(dtype, out=scratch_buffer(self.numel(), self._device, dtype).view(self.shape))
 
@@ -268,7 +273,7 @@ class NF4Weight(nn.Module):
             )
         parts = self.parts()
         dtype = x_wide.dtype
-        if len(parts) == 1 or self.numel() <= self.whole_numel_limit:
+        if self._dequantized_whole():
             w = scratch_buffer(self.out_features * width, self._device, dtype).view(self.out_features, width)
             for row0, q in parts:
                 dequantize_nf4(q, out=w[row0 : row0 + q.shape[0], : self.in_features])
