@@ -47,7 +47,7 @@ CATEGORIES = [("nf4 dequant", r"nf4|dequant"), ("host copies", r"memcpy|memset")
 AUTOGRAD_ATTENTION = "autograd attention half"
 PER_FACTOR_CASTS = "a cast per LoRA factor"
 UNFOLDED = "LoRA added after the base GEMM"
-GRAPHS = "forward graphs"
+GRAPHS = "CUDA graphs"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -73,9 +73,13 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     # kernels.lora folded it into the base GEMM (the label says so; see `configure`).
     (f"offload, full, {UNFOLDED}", "offload", "full", None),
     (f"offload, save_mlp, 16 kept, {UNFOLDED}", "offload", "save_mlp", 16),
-    # Each layer's first forward replayed from a CUDA graph (velotune.memory.forward_graphs).
+    # Each layer's first forward replayed from a CUDA graph, and under "save_mlp" its backward too
+    # (velotune.memory.layer_graphs).
     (f"offload, full, {GRAPHS}", "offload", "full", None),
     (f"GPU checkpoints, full, {GRAPHS}", True, "full", None),
+    (f"offload, save_mlp, 16 kept, {GRAPHS}", "offload", "save_mlp", 16),
+    (f"offload, save_mlp, 8 kept, {GRAPHS}", "offload", "save_mlp", 8),
+    (f"offload, save_mlp, 0 gate/up kept, {GRAPHS}", "offload", "save_mlp", 0),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
 CAST_FACTORS = lora_module.cast_factors
@@ -98,7 +102,7 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     for module in (lora_module, fused_mlp_module, fused_attention_module):
         module.cast_factors = cast
     lora_module.fold_width = (lambda *args: 0) if label.endswith(UNFOLDED) else FOLD_WIDTH
-    model.forward_graphs = label.endswith(GRAPHS)
+    model.cuda_graphs = label.endswith(GRAPHS)
     return label, mode, policy, kept
 
 

@@ -213,13 +213,22 @@ def load_velotune_save_mlp(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[
 
 
 def load_velotune_graphs(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """velotune with `forward_graphs = True`: each checkpointed layer's first forward replayed from a
-    CUDA graph (velotune.memory.forward_graphs), the default checkpointing otherwise."""
+    """velotune with `cuda_graphs = True`: each checkpointed layer's first forward replayed from a
+    CUDA graph (velotune.memory.layer_graphs), the default checkpointing otherwise."""
     if spec["method"] == "full":
         raise NotApplicable("full fine-tuning: the velotune system already chooses its checkpointing")
     model, notes = load_velotune(spec)
-    model.forward_graphs = True
-    notes["forward_graphs"] = True
+    model.cuda_graphs = True
+    notes["cuda_graphs"] = True
+    return model, notes
+
+
+def load_velotune_save_mlp_graphs(spec: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """velotune under checkpoint_policy="save_mlp" with `cuda_graphs = True`: each checkpointed
+    layer's first forward and its backward replayed from CUDA graphs."""
+    model, notes = load_velotune_save_mlp(spec)
+    model.cuda_graphs = True
+    notes["cuda_graphs"] = True
     return model, notes
 
 
@@ -228,6 +237,7 @@ LOADERS: dict[str, Callable[[dict[str, Any]], tuple[torch.nn.Module, dict[str, A
     "velotune_no_recompute": load_velotune_no_recompute,
     "velotune_save_mlp": load_velotune_save_mlp,
     "velotune_graphs": load_velotune_graphs,
+    "velotune_save_mlp_graphs": load_velotune_save_mlp_graphs,
     "hf_peft": load_hf_peft,
     "hf_peft_bnb": load_hf_peft_bnb,
     "liger": load_liger,

@@ -48,7 +48,7 @@ from torch import nn
 from velotune.errors import ConfigError, KernelError
 from velotune.memory.offload import ActivationStore, SavedTensor
 from velotune.memory.fused_attention import fused_attention_block
-from velotune.memory.forward_graphs import step_graphs
+from velotune.memory.layer_graphs import GraphedLayer, step_graphs
 from velotune.memory.fused_mlp import fused_mlp_block
 from velotune.memory.tiled import fused_tile_tokens, token_tiles, tokenwise_backward, tokenwise_forward
 
@@ -97,7 +97,7 @@ class _Segment:
         offload: bool,
         keep_tail_input: bool = False,
         keep_gate_up: bool = False,
-        graph_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        graphed: GraphedLayer | None = None,
     ):
         if (keep_tail_input or keep_gate_up) and head is None:
             raise KernelError("a checkpoint without a head has no tail input to keep: its input is it.")
@@ -106,7 +106,8 @@ class _Segment:
         self.head, self.tail, self.params = head, tail, list(params)
         self.tile_tokens, self.store, self.offload = tile_tokens, store, offload
         self.keep_tail_input, self.keep_gate_up = keep_tail_input, keep_gate_up
-        self.graph_forward = graph_forward  # tail(head(x)) replayed from a CUDA graph (forward_graphs)
+        # The layer's forward (and, under "save_mlp", backward) replayed from CUDA graphs (layer_graphs).
+        self.graphed = graphed
         self.saved: SavedTensor | None = None
         self.saved_tail_input: SavedTensor | None = None
         self.saved_gate_up: list[SavedTensor] = []
@@ -117,11 +118,18 @@ class _Segment:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Saved before the layer runs, so the copy to host overlaps this layer's compute.
         self.saved = self.store.save(x, self.offload)
+        if self.graphed is not None and self.keep_tail_input:
+            # Its backward replays a graph too: no recomputation to replay RNG or autocast state for
+            # (graphed layers have neither dropout nor autocast).
+            out, h, gate_up = self.graphed.forward(x)
+            self.saved_tail_input = self.store.save(h, self.offload, join=True)
+            self.saved_gate_up = [self.store.save(t, self.offload, join=True) for t in gate_up]
+            return out
         self.rng = _rng_state(x.device)
         kind = x.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        if self.graph_forward is not None:
-            return self.graph_forward(x)
+        if self.graphed is not None:
+            return self.graphed.forward(x)[0]
         h = self.head(x) if self.head is not None else x
         if self.keep_tail_input:
             self.tail_rng = _rng_state(x.device)  # the tail's backward runs first: it replays from here
@@ -157,6 +165,8 @@ class _Segment:
             return tokenwise_backward(self.tail, h, dy, self.params, self.tile_tokens, True)
 
     def backward(self, dy: torch.Tensor, need_dx: bool) -> tuple[torch.Tensor | None, list]:
+        if self.graphed is not None and self.keep_tail_input:
+            return self._graphed_backward(dy, need_dx)
         dh = grads = None  # the tail's, once it has run (first, when it kept its input)
         if self.saved_tail_input is not None:
             dh, grads = self._tail_backward_first(dy)
@@ -180,6 +190,14 @@ class _Segment:
             got = list(torch.autograd.grad(h, wrt, dh, allow_unused=True))
         dx = got.pop(0) if need_dx else None
         return dx, _summed(grads, got)
+
+    def _graphed_backward(self, dy: torch.Tensor, need_dx: bool) -> tuple[torch.Tensor | None, list]:
+        """`backward` of a "save_mlp" layer from its CUDA graph: its kept tensors loaded, then one replay."""
+        h = self.store.load(self.saved_tail_input)
+        gate_up = [self.store.load(s) for s in self.saved_gate_up]
+        x = self.store.load(self.saved)
+        self.saved_tail_input, self.saved_gate_up, self.saved = None, [], None
+        return self.graphed.backward(x, h, gate_up, dy, need_dx)
 
     def _hand_written_head_backward(self, x, dy, need_dx, dh, grads):
         """`backward` for a head with its own recomputation and backward (`FusedAttentionBlock`); dh and
@@ -246,7 +264,7 @@ def recompute(
     offload: bool = False,
     keep_tail_input: bool = False,
     keep_gate_up: bool = False,
-    graph_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    graphed: GraphedLayer | None = None,
 ) -> torch.Tensor:
     """tail(head(x)), keeping only x for the backward (on the device, or offloaded through `store`).
 
@@ -259,12 +277,13 @@ def recompute(
         offload: copy x to pinned host memory (CUDA tensors only).
         keep_tail_input, keep_gate_up: also keep head(x), and the fused MLP tail's gate/up output
             (see `_Segment`).
-        graph_forward: computes tail(head(x)) in the forward instead (a CUDA graph's replay,
-            `velotune.memory.forward_graphs`); the backward recomputes through head and tail.
+        graphed: the layer's CUDA graphs (`velotune.memory.layer_graphs`): its forward replays one
+            (head and tail must be the layer's hand-written halves), and with keep_tail_input its
+            backward too; otherwise the backward recomputes through head and tail.
     """
     store = store if store is not None else ActivationStore()
     segment = _Segment(head, tail, params, tile_tokens, store, offload, keep_tail_input, keep_gate_up,
-                       graph_forward)  # fmt: skip
+                       graphed)  # fmt: skip
     return _Recompute.apply(segment, x, *params)
 
 
@@ -343,8 +362,8 @@ def run_layers(
     last = len(model.layers) - 1
     keeping = gate_up_keeping_layers(model) if mode and policy == "save_mlp" else frozenset()
     graphs = None
-    if mode and policy == "full" and not any(hasattr(layer, SHARDED_CALL) for layer in model.layers):
-        graphs = step_graphs(model, x, cos, sin, key_padding_mask, cu_seqlens)
+    if mode and not any(hasattr(layer, SHARDED_CALL) for layer in model.layers):
+        graphs = step_graphs(model, x, cos, sin, key_padding_mask, cu_seqlens, policy)
     for i, layer in enumerate(model.layers):
         if not mode and not tile:
             x = layer(x, cos, sin, key_padding_mask, cu_seqlens)
@@ -378,22 +397,16 @@ def _layer_step(
     if not params and not x.requires_grad:
         # Nothing to differentiate here: no graph, so nothing to save either.
         return tokenwise_forward(mlp_block, attention_half(x), tile)
+    keep_gate_up = keep_gate_up and fused is not None
+    graphed = None
+    if graphs is not None and fused is not None and hand_written_half is not None:
+        graphed = GraphedLayer(graphs, index, layer, fused, tile, policy, keep_gate_up, params)
     if mode and policy == "full":
-        graph_forward = None
-        if graphs is not None and fused is not None and hand_written_half is not None:
-
-            def build(static_cos, static_sin):
-                head = fused_attention_block(layer, x, static_cos, static_sin, None, None)
-                return lambda t: tokenwise_forward(fused, head(t), tile)
-
-            def graph_forward(t):
-                return graphs.run(index, build, t)
-
         return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
-                         graph_forward=graph_forward)  # fmt: skip
+                         graphed=graphed)  # fmt: skip
     if mode and policy == "save_mlp":
         return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
-                         keep_tail_input=True, keep_gate_up=keep_gate_up and fused is not None)  # fmt: skip
+                         keep_tail_input=True, keep_gate_up=keep_gate_up, graphed=graphed)  # fmt: skip
     if mode:
         h = attention_half(x)
         return recompute(None, mlp_block, h, params, tile_tokens=tile, store=store, offload=offload)

@@ -48,9 +48,9 @@ class DecoderModel(nn.Module):
         self.checkpoint_policy = "full"
         self.gate_up_kept_layers: int | None = None  # under "save_mlp" (None: automatic)
         self.mlp_tile_tokens: int | None = None
-        # Under the "full" policy on CUDA: replay each layer's first forward from a CUDA graph
-        # (velotune.memory.forward_graphs).
-        self.forward_graphs = False
+        # On CUDA under the "full" / "save_mlp" policies: replay each layer's first forward (and its
+        # backward under "save_mlp") from CUDA graphs (velotune.memory.layer_graphs).
+        self.cuda_graphs = False
         self.max_seq_length: int | None = None
         # "auto": the frozen, untied input embedding waits in host memory while training on a GPU and
         # comes back for inference; True / False: always on the host / on the device.

@@ -39,7 +39,7 @@ _FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "nested_off
 _PER_ELEMENT = ("data", "absmax", "nested_absmax")
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # Bumped whenever a scratch buffer is (re)allocated or released: CUDA graphs that captured one
-# (velotune.memory.forward_graphs) are stale after that.
+# (velotune.memory.layer_graphs) are stale after that.
 _scratch_generation = 0
 
 
