@@ -79,6 +79,8 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     (f"GPU checkpoints, full, {GRAPHS}", True, "full", None),
     (f"offload, save_mlp, 16 kept, {GRAPHS}", "offload", "save_mlp", 16),
     (f"offload, save_mlp, 8 kept, {GRAPHS}", "offload", "save_mlp", 8),
+    (f"offload, save_mlp, 12 kept, {GRAPHS}", "offload", "save_mlp", 12),
+    (f"offload, save_mlp, 20 kept, {GRAPHS}", "offload", "save_mlp", 20),
     (f"offload, save_mlp, 0 gate/up kept, {GRAPHS}", "offload", "save_mlp", 0),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block

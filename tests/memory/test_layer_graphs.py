@@ -163,9 +163,12 @@ def test_graphed_layers_give_the_eager_loss_and_gradients_bit_for_bit(
     assert len(eager_graphs) == n * per_layer
     (graphs,) = model.__dict__["_cuda_graph_sets"].values()
     kept_layers = {k[1] for k in graphs.replays if k[0] == "save_mlp forward" and k[2]}
+    # Consecutive keeping layers alternate between the two sets of gate/up buffers.
+    slots = [k[3] for k in sorted(graphs.replays, key=lambda k: k[1]) if k[0] == "save_mlp forward" and k[2]]
+    assert slots == [j % 2 for j in range(len(kept_layers))]
     assert len(kept_layers) == (0 if policy == "full" else kept if kept is not None else round(n / 2))
     # Layer 0's input (the embedding's output) needs no gradient: its backward graph skips dx.
-    assert all(k[3] == (k[1] > 0) for k in graphs.replays if k[0] == "save_mlp backward")
+    assert all(k[4] == (k[1] > 0) for k in graphs.replays if k[0] == "save_mlp backward")
 
 
 def test_new_adapter_weights_drop_the_graphs_and_the_next_steps_follow_them(tmp_path, eager_graphs):

@@ -121,9 +121,10 @@ class _Segment:
         if self.graphed is not None and self.keep_tail_input:
             # Its backward replays a graph too: no recomputation to replay RNG or autocast state for
             # (graphed layers have neither dropout nor autocast).
-            out, h, gate_up = self.graphed.forward(x)
-            self.saved_tail_input = self.store.save(h, self.offload, join=True)
-            self.saved_gate_up = [self.store.save(t, self.offload, join=True) for t in gate_up]
+            out, kept = self.graphed.forward(
+                x, lambda t, static: self.store.save(t, self.offload, join=True, static=static)
+            )
+            self.saved_tail_input, *self.saved_gate_up = kept
             return out
         self.rng = _rng_state(x.device)
         kind = x.device.type
@@ -370,8 +371,10 @@ def run_layers(
             continue
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
+        # Keeping layers alternate between two sets of graph buffers (`GraphedLayer`'s slot).
+        slot = sum(j < i for j in keeping) % 2
         step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload,
-                i in keeping, graphs, i)  # fmt: skip
+                i in keeping, graphs, i, slot)  # fmt: skip
         sharded_call = getattr(layer, SHARDED_CALL, None)
         x = sharded_call(_layer_step, *step) if sharded_call is not None else _layer_step(layer, *step)
     return x
@@ -379,7 +382,7 @@ def run_layers(
 
 def _layer_step(
     layer, x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload, keep_gate_up,
-    graphs=None, index=0,
+    graphs=None, index=0, slot=0,
 ):  # fmt: skip
     """One layer under checkpointing or tiling: everything here that reads the layer's parameters."""
 
@@ -400,7 +403,7 @@ def _layer_step(
     keep_gate_up = keep_gate_up and fused is not None
     graphed = None
     if graphs is not None and fused is not None and hand_written_half is not None:
-        graphed = GraphedLayer(graphs, index, layer, fused, tile, policy, keep_gate_up, params)
+        graphed = GraphedLayer(graphs, index, layer, fused, tile, policy, keep_gate_up, params, slot)
     if mode and policy == "full":
         return recompute(attention_half, mlp_block, x, params, tile_tokens=tile, store=store, offload=offload,
                          graphed=graphed)  # fmt: skip

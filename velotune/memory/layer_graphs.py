@@ -87,6 +87,8 @@ class StepGraphs:
         self.fingerprint = fingerprint
         # role -> (the tensor the buffer holds a copy of, that tensor's version then): `fill` skips the copy.
         self._holds: dict[str, tuple[weakref.ref, int]] = {}
+        # role -> the event after which a side stream's copy has read the buffer: wait before writing it.
+        self._readers: dict[str, torch.cuda.Event] = {}
 
     def begin_step(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.cos.copy_(cos)
@@ -111,6 +113,8 @@ class StepGraphs:
     def fill(self, role: str, value: torch.Tensor) -> torch.Tensor:
         """The static buffer `role` holding value's contents (copied unless it already holds them)."""
         buf = self.buffer(role, value)
+        if value is buf:
+            return buf
         held = self._holds.get(role)
         if held is None or held[0]() is not value or held[1] != value._version:
             buf.copy_(value)
@@ -122,6 +126,18 @@ class StepGraphs:
         out = self.buffers[role].clone()
         self._holds[role] = (weakref.ref(out), out._version)
         return out
+
+    def read_until(self, role: str, event: torch.cuda.Event | None) -> None:
+        """The buffer `role` is being read (copied out on a side stream) until `event`: `wait_for_readers`
+        makes the compute stream wait for it before the buffer is written again."""
+        if event is not None:
+            self._readers[role] = event
+
+    def wait_for_readers(self, roles: Sequence[str]) -> None:
+        for role in roles:
+            event = self._readers.pop(role, None)
+            if event is not None:
+                event.wait()  # the current stream waits; the host does not
 
     def run(self, key: tuple, build: Callable[[], Callable[[], None]]) -> None:
         """Replays graph `key`, capturing build()'s function first if it has none yet."""
@@ -137,9 +153,13 @@ class GraphedLayer:
     segment (`velotune.memory.checkpoint._Segment`): the eager code around the replays."""
 
     def __init__(self, graphs: StepGraphs, index: int, layer, mlp, tile_tokens: int | None, policy: str,
-                 keep_gate_up: bool, params: Sequence[torch.Tensor]):  # fmt: skip
+                 keep_gate_up: bool, params: Sequence[torch.Tensor], slot: int = 0):  # fmt: skip
+        """slot: which of the two sets of gate/up buffers this layer keeps its output in. Consecutive
+        keeping layers alternate, so that a layer's forward does not wait for the copy to host of the
+        keeping layer before it, nor the copy back of the one below it for this layer's backward."""
         self.graphs, self.index, self.layer, self.mlp = graphs, index, layer, mlp
         self.tile, self.policy, self.keep_gate_up, self.params = tile_tokens, policy, keep_gate_up, list(params)
+        self.slot = slot
 
     def _attention_half(self, x: torch.Tensor):
         # Built against the static rotary tables: the graph reads them, copied in once per step.
@@ -156,13 +176,15 @@ class GraphedLayer:
         dtype = rms_norm_output_dtype(x, norm.weight, norm.offset)  # the gate/up GEMM's, as its input's
         roles = []
         for k, (start, end) in enumerate(token_tiles(rows, self.tile)):
-            roles.append(f"gate_up{k}")
+            roles.append(f"gate_up{self.slot}.{k}")
             self.graphs.buffer_of(roles[-1], (end - start, width), dtype, x.device)
         return roles
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """(the layer's output, the MLP half's input under "save_mlp" else None, the kept gate/up
-        output per tile), each a tensor of its own."""
+    def forward(self, x: torch.Tensor, keep: Callable | None = None) -> tuple[torch.Tensor, list]:
+        """(the layer's output, and under "save_mlp" what keep(tensor, static) returned for the MLP
+        half's input and for each tile's kept gate/up output). keep receives a tensor of its own
+        (static=False) or, for gate/up, the static buffer itself (static=True: `ActivationStore.save`'s
+        meaning; what it returns must have the `copied` event of that save, or None)."""
         graphs = self.graphs
         static_x = graphs.fill("x", x)
         if self.policy == "full":
@@ -172,9 +194,11 @@ class GraphedLayer:
                 return lambda: static_x.copy_(tokenwise_forward(self.mlp, head(static_x), self.tile))
 
             graphs.run(("full forward", self.index), build)
-            return graphs.output("x"), None, []
+            return graphs.output("x"), []
         static_h = graphs.buffer("h", x)
-        gate_up = [graphs.buffers[r] for r in self._gate_up_roles(x)]
+        roles = self._gate_up_roles(x)
+        gate_up = [graphs.buffers[r] for r in roles]
+        graphs.wait_for_readers(roles)  # the copies to host of the last layer that kept in these buffers
 
         def build():
             head = self._attention_half(static_x)
@@ -188,10 +212,12 @@ class GraphedLayer:
 
             return forward
 
-        graphs.run(("save_mlp forward", self.index, self.keep_gate_up), build)
-        h = graphs.output("h")
-        kept = [t.clone() for t in gate_up]
-        return graphs.output("x"), h, kept
+        graphs.run(("save_mlp forward", self.index, self.keep_gate_up, self.slot), build)
+        kept = [keep(graphs.output("h"), False)]
+        for role, buf in zip(roles, gate_up):
+            kept.append(keep(buf, True))
+            graphs.read_until(role, getattr(kept[-1], "copied", None))
+        return graphs.output("x"), kept
 
     def backward(self, x: torch.Tensor, h: torch.Tensor, gate_up: list[torch.Tensor], dy: torch.Tensor,
                  need_dx: bool) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:  # fmt: skip
@@ -206,7 +232,7 @@ class GraphedLayer:
         del x, h, gate_up  # their memory is free for the replay's
         # Keyed by shape too: layers whose LoRA ranks differ get buffers of their own.
         static_grads = [graphs.buffer(f"grad{i} {tuple(p.shape)} {p.dtype}", p) for i, p in enumerate(self.params)]
-        key = ("save_mlp backward", self.index, self.keep_gate_up, need_dx)
+        key = ("save_mlp backward", self.index, self.keep_gate_up, self.slot, need_dx)
 
         def build():
             head = self._attention_half(static_x)

@@ -68,7 +68,7 @@ class SavedTensor:
     """One saved tensor: resident (`tensor`) or offloaded (`blocks` + the events of its copies)."""
 
     __slots__ = ("tensor", "blocks", "shape", "dtype", "device", "copied", "fetched", "fetch_done", "group", "used",
-                 "__weakref__")  # fmt: skip
+                 "home", "__weakref__")  # fmt: skip
 
     def __init__(self, group: _Group):
         self.tensor: torch.Tensor | None = None
@@ -81,6 +81,7 @@ class SavedTensor:
         self.fetch_done: torch.cuda.Event | None = None
         self.group: _Group | None = group
         self.used = False
+        self.home: torch.Tensor | None = None  # a static buffer: the copy back lands in it (see `save`)
 
     @property
     def offloaded(self) -> bool:
@@ -100,8 +101,13 @@ class ActivationStore:
         """A new forward starts: its first group has no predecessor to prefetch."""
         self._last = None
 
-    def save(self, x: torch.Tensor, offload: bool, *, join: bool = False) -> SavedTensor:
-        """Keeps x for the backward: a new group (a layer's first save), or the latest one (join)."""
+    def save(self, x: torch.Tensor, offload: bool, *, join: bool = False, static: bool = False) -> SavedTensor:
+        """Keeps x for the backward: a new group (a layer's first save), or the latest one (join).
+
+        static: x is a long-lived buffer that will be overwritten (a CUDA graph's,
+        `velotune.memory.layer_graphs`). Offloaded, the copy to host reads x itself, and the caller
+        must not write x before `saved.copied` has completed; the load writes the values back into x
+        instead of new memory. Not offloaded, a copy of x is kept."""
         last = self._last() if self._last is not None else None
         group = last if join and last is not None else _Group(last)
         self._last = weakref.ref(group)
@@ -109,7 +115,7 @@ class ActivationStore:
         group.members.append(weakref.ref(saved))
         x = x.detach()
         if not (offload and x.is_cuda and x.numel()):
-            saved.tensor = x
+            saved.tensor = x.clone() if static else x
             return saved
         d2h, _ = self._side_streams(x.device)
         x = x.contiguous()
@@ -126,7 +132,10 @@ class ActivationStore:
                 block.host[: end - start].copy_(_bytes(x)[start:end], non_blocking=True)
             saved.copied = torch.cuda.Event()
             saved.copied.record(d2h)
-        x.record_stream(d2h)
+        if static:
+            saved.home = x
+        else:
+            x.record_stream(d2h)
         return saved
 
     def load(self, saved: SavedTensor) -> torch.Tensor:
@@ -168,8 +177,11 @@ class ActivationStore:
     def _fetch(self, saved: SavedTensor) -> None:
         _, h2d = self._side_streams(saved.device)
         compute = torch.cuda.current_stream(saved.device)
-        saved.fetched = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
-        h2d.wait_stream(compute)
+        if saved.home is not None:
+            saved.fetched, saved.home = saved.home, None
+        else:
+            saved.fetched = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+        h2d.wait_stream(compute)  # also: what the compute stream queued that reads a home buffer
         h2d.wait_event(saved.copied)
         size = saved.blocks[0].nbytes
         with torch.cuda.stream(h2d):
