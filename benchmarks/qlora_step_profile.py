@@ -38,6 +38,7 @@ import velotune.memory.checkpoint as checkpoint_module  # noqa: E402
 import velotune.memory.fused_attention as fused_attention_module  # noqa: E402
 import velotune.memory.fused_mlp as fused_mlp_module  # noqa: E402
 from velotune import FastLanguageModel  # noqa: E402
+from velotune.memory.layer_graphs import pool_bytes  # noqa: E402
 from velotune.memory.planner import estimate_memory  # noqa: E402
 
 GIB = 2**30
@@ -419,7 +420,8 @@ def main() -> int:
                 seconds, loss = whole_step(model, optimizer, ids)
                 samples[index].append(seconds)
                 losses[index].append(loss)
-            peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated())
+            # The graphs' pool is memory max_memory_allocated does not count (layer_graphs.pool_bytes).
+            peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated() + pool_bytes(model))
         print(f"round {rnd}: " + ", ".join(f"{i}: {statistics.median(samples[i][-args.steps:]) * 1e3:.1f} ms"
                                           for i in indices), flush=True)  # fmt: skip
     for index in indices:

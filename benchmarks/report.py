@@ -59,7 +59,9 @@ METHOD_TEXT = """\
 - **Memory**: `weights` is `torch.cuda.memory_allocated()` after loading and attaching LoRA, before
   the first step (the resident model); `peak alloc` / `peak reserved` are
   `torch.cuda.max_memory_allocated()` / `max_memory_reserved()` over the training steps (the
-  optimizer state included); `above weights` = peak alloc - weights.
+  optimizer state included); `above weights` = peak alloc - weights. For velotune with CUDA graphs
+  (`cuda_graphs = True`) `peak alloc` also includes the graphs' memory pool, which
+  `max_memory_allocated()` does not count while graphs replay (`layer_graphs.pool_bytes`).
 - **MFU**: model FLOPs per step / median step time / the bf16 matmul rate measured in the same run
   (an 8192^3 matmul timed with `triton.testing.do_bench`), so it reads as a fraction of what this
   GPU really sustains, not of its datasheet peak. Model FLOPs: 2 per weight per token forward, 2

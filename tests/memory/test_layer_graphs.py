@@ -190,3 +190,11 @@ def test_new_adapter_weights_drop_the_graphs_and_the_next_steps_follow_them(tmp_
     for _ in range(3):  # eager (new fingerprint), captured, replayed
         loss, grads = loss_and_grads(model, batch)
         assert torch.equal(loss, ref_loss) and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+
+
+def test_a_model_without_graphs_holds_no_graph_pool_memory(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    assert layer_graphs.pool_bytes(model) == 0
+    cpu_graphs = layer_graphs.StepGraphs(torch.zeros(2), torch.zeros(2), torch.zeros(2), ())
+    model.__dict__["_cuda_graph_sets"] = {"cpu": cpu_graphs}
+    assert layer_graphs.pool_bytes(model) == 0  # CPU graphs (the tests' stand-in) have no pool

@@ -262,6 +262,21 @@ class GraphedLayer:
         return (graphs.output("dy") if need_dx else None), grads
 
 
+def pool_bytes(model) -> int:
+    """Device memory held by the memory pools of `model`'s CUDA graphs. `torch.cuda.max_memory_allocated`
+    does not count it while no graph is being captured (a replay allocates nothing), yet no other
+    tensor can use it: a graphed step's footprint is its peak allocated memory plus this."""
+    sets = model.__dict__.get("_cuda_graph_sets")
+    if not sets:
+        return 0
+    pools = {tuple(graphs.pool) for graphs in sets.values() if graphs.pool is not None}
+    return sum(
+        segment["total_size"]
+        for segment in torch.cuda.memory_snapshot()
+        if tuple(segment.get("segment_pool_id", ())) in pools
+    )
+
+
 def step_graphs(model, x: torch.Tensor, cos, sin, key_padding_mask, cu_seqlens, policy: str) -> StepGraphs | None:
     """This step's graphs for `model`'s layers, or None where they do not apply (see the module
     docstring) or the step runs eagerly: the first at a shape, and the first after the addresses the
