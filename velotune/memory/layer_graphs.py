@@ -270,6 +270,8 @@ def pool_bytes(model) -> int:
     if not sets:
         return 0
     pools = {tuple(graphs.pool) for graphs in sets.values() if graphs.pool is not None}
+    if not pools:
+        return 0
     return sum(
         segment["total_size"]
         for segment in torch.cuda.memory_snapshot()
