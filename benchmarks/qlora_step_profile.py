@@ -235,6 +235,34 @@ def run_step(model, optimizer, ids) -> tuple[float, float, float, float]:
     return t1 - t0, t2 - t1, t3 - t2, float(loss)
 
 
+def memory_phases(model, optimizer, ids) -> dict:
+    """GiB allocated at the start of a step and after each phase, and each phase's peak, plus the CUDA
+    graphs' static buffers and pool (layer_graphs): where a configuration's peak comes from."""
+    gib = {}
+    torch.cuda.synchronize()
+    gib["start"] = torch.cuda.memory_allocated() / GIB
+    phases = ("forward", "backward", "optimizer")
+    loss = None
+    for name in phases:
+        torch.cuda.reset_peak_memory_stats()
+        if name == "forward":
+            loss = model(input_ids=ids, labels=ids).loss
+        elif name == "backward":
+            loss.backward()
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        gib[f"{name}_peak"] = torch.cuda.max_memory_allocated() / GIB
+        gib[f"after_{name}"] = torch.cuda.memory_allocated() / GIB
+    sets = model.__dict__.get("_cuda_graph_sets") or {}
+    gib["graph_static_buffers"] = sum(
+        b.numel() * b.element_size() for g in sets.values() for b in g.buffers.values()
+    ) / GIB
+    gib["graph_pool"] = pool_bytes(model) / GIB
+    return gib
+
+
 def whole_step(model, optimizer, ids) -> tuple[float, float]:
     """One training step as a user runs it (no synchronisation inside): (seconds, loss)."""
     torch.cuda.synchronize()
@@ -370,6 +398,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="profile one step of each configuration")
     p.add_argument("--trace", action="store_true", help="write a gzipped chrome trace of each profiled step")
     p.add_argument("--configs", default=",".join(str(i) for i in range(len(CONFIGS))), help="indices into CONFIGS")
+    p.add_argument("--memory", action="store_true", help="allocated memory per phase of one step of each configuration")
     p.add_argument("--host", action="store_true", help="time the host's enqueueing of a step and cProfile it")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -440,6 +469,10 @@ def main() -> int:
                "planner_gib": plan.total / GIB, "losses": losses[index], "step_samples_ms": [v * 1e3 for v in samples[index]]}  # fmt: skip
         trace = args.out / f"trace-{index}.json.gz" if args.trace else None
         row["profile"] = profile_step(model, optimizer, ids, trace) if args.profile else {}
+        if args.memory:
+            row["memory_gib"] = memory_phases(model, optimizer, ids)
+            print(f"{label}: memory GiB " + ", ".join(f"{k} {v:.3f}" for k, v in row["memory_gib"].items()),
+                  flush=True)  # fmt: skip
         if args.host:
             row["host"] = host_profile(model, optimizer, ids)
             host = row["host"]
