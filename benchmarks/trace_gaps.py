@@ -23,7 +23,7 @@ import gzip
 import json
 from pathlib import Path
 
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaMemcpyAsync",
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaMemcpyAsync", "cudaGraphLaunch",
             "cudaMemsetAsync")  # fmt: skip
 
 
