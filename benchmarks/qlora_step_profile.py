@@ -49,6 +49,7 @@ AUTOGRAD_ATTENTION = "autograd attention half"
 PER_FACTOR_CASTS = "a cast per LoRA factor"
 UNFOLDED = "LoRA added after the base GEMM"
 GRAPHS = "CUDA graphs"
+BOTTOM_UP = "kept from the bottom up"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -83,10 +84,21 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     (f"offload, save_mlp, 12 kept, {GRAPHS}", "offload", "save_mlp", 12),
     (f"offload, save_mlp, 20 kept, {GRAPHS}", "offload", "save_mlp", 20),
     (f"offload, save_mlp, 0 gate/up kept, {GRAPHS}", "offload", "save_mlp", 0),
+    # The keeping layers spread from the bottom layer up instead (see `configure`): their copies to host
+    # come early in the forward and back late in the backward, away from the forward/backward turn.
+    (f"offload, save_mlp, 16 kept, {GRAPHS}, {BOTTOM_UP}", "offload", "save_mlp", 16),
+    (f"offload, save_mlp, 16 kept, {BOTTOM_UP}", "offload", "save_mlp", 16),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
 CAST_FACTORS = lora_module.cast_factors
 FOLD_WIDTH = lora_module.fold_width
+KEEPING_LAYERS = checkpoint_module.gate_up_keeping_layers
+
+
+def _bottom_up(model) -> frozenset[int]:
+    """`gate_up_keeping_layers`, mirrored: spread from the bottom layer up."""
+    n = len(model.layers)
+    return frozenset(n - 1 - i for i in KEEPING_LAYERS(model))
 
 
 def _cast_each(tensors, dtypes):
@@ -105,7 +117,8 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     for module in (lora_module, fused_mlp_module, fused_attention_module):
         module.cast_factors = cast
     lora_module.fold_width = (lambda *args: 0) if label.endswith(UNFOLDED) else FOLD_WIDTH
-    model.cuda_graphs = label.endswith(GRAPHS)
+    model.cuda_graphs = label.endswith(GRAPHS) or f"{GRAPHS}, {BOTTOM_UP}" in label
+    checkpoint_module.gate_up_keeping_layers = _bottom_up if label.endswith(BOTTOM_UP) else KEEPING_LAYERS
     return label, mode, policy, kept
 
 

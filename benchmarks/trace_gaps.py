@@ -74,6 +74,7 @@ def analyse(events: list[dict], min_us: float, top: int) -> dict:
     by_cause = collections.Counter()
     by_place = collections.Counter()
     count = 0
+    largest = []  # (gap, offset from the first kernel, cause, next kernel)
     for prev, nxt in zip(ks, ks[1:]):
         gap = nxt["ts"] - (prev["ts"] + prev["dur"])
         if gap < min_us:
@@ -85,6 +86,7 @@ def analyse(events: list[dict], min_us: float, top: int) -> dict:
         cause = "host late" if late else ("waiting" if launch is not None else "no launch")
         totals[phase] += gap
         by_cause[(phase, cause)] += gap
+        largest.append((gap, nxt["ts"] - ks[0]["ts"], cause, nxt["name"][:50]))
         if late:
             inner, outer = enclosing(launch["ts"], launch.get("tid"))
             by_place[(phase, outer, inner)] += gap
@@ -99,6 +101,8 @@ def analyse(events: list[dict], min_us: float, top: int) -> dict:
         "gap_ms": {k: v / 1e3 for k, v in totals.items()},
         "by_cause_ms": {f"{p} / {c}": v / 1e3 for (p, c), v in by_cause.most_common()},
         "top_places_ms": [(p, o, i, round(v / 1e3, 2)) for (p, o, i), v in by_place.most_common(top)],
+        # Where in the step the largest gaps fall: (ms into the step, gap ms, cause, next kernel).
+        "largest_gaps": [(round(at / 1e3, 1), round(g / 1e3, 2), c, n) for g, at, c, n in sorted(largest)[::-1][:top]],
     }
 
 
@@ -117,6 +121,9 @@ def main() -> int:
         print(f"  {key:24s} {ms:8.2f} ms")
     for phase, outer, inner, ms in result["top_places_ms"]:
         print(f"  {ms:7.2f} ms  {phase:8s} {outer[:50]:50s} {inner[:50]}")
+    print("  largest gaps (ms into the step: gap ms, cause, next kernel):")
+    for at, ms, cause, name in result["largest_gaps"]:
+        print(f"    {at:8.1f}: {ms:6.2f} {cause:10s} {name}")
     return 0
 
 
