@@ -50,6 +50,7 @@ PER_FACTOR_CASTS = "a cast per LoRA factor"
 UNFOLDED = "LoRA added after the base GEMM"
 GRAPHS = "CUDA graphs"
 BOTTOM_UP = "kept from the bottom up"
+TOP_DOWN = "kept from the top down"
 CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_layers
     ("offload, full", "offload", "full", None),
     ("offload, save_attn", "offload", "save_attn", None),
@@ -84,9 +85,9 @@ CONFIGS = [  # label, gradient_checkpointing, checkpoint_policy, gate_up_kept_la
     (f"offload, save_mlp, 12 kept, {GRAPHS}", "offload", "save_mlp", 12),
     (f"offload, save_mlp, 20 kept, {GRAPHS}", "offload", "save_mlp", 20),
     (f"offload, save_mlp, 0 gate/up kept, {GRAPHS}", "offload", "save_mlp", 0),
-    # The keeping layers spread from the bottom layer up instead (see `configure`): their copies to host
-    # come early in the forward and back late in the backward, away from the forward/backward turn.
-    (f"offload, save_mlp, 16 kept, {GRAPHS}, {BOTTOM_UP}", "offload", "save_mlp", 16),
+    # The keeping layers in the other mode's order (see `configure`): eager layers keep from the top layer
+    # down, graphed ones from the bottom up (checkpoint.gate_up_keeping_layers).
+    (f"offload, save_mlp, 16 kept, {GRAPHS}, {TOP_DOWN}", "offload", "save_mlp", 16),
     (f"offload, save_mlp, 16 kept, {BOTTOM_UP}", "offload", "save_mlp", 16),
 ]
 HAND_WRITTEN_ATTENTION = checkpoint_module.fused_attention_block
@@ -95,10 +96,19 @@ FOLD_WIDTH = lora_module.fold_width
 KEEPING_LAYERS = checkpoint_module.gate_up_keeping_layers
 
 
-def _bottom_up(model) -> frozenset[int]:
-    """`gate_up_keeping_layers`, mirrored: spread from the bottom layer up."""
-    n = len(model.layers)
-    return frozenset(n - 1 - i for i in KEEPING_LAYERS(model))
+def _keeping(bottom_up: bool):
+    """`gate_up_keeping_layers` in a fixed order, whatever `model.cuda_graphs` says."""
+
+    def layers(model) -> frozenset[int]:
+        n, graphed = len(model.layers), model.cuda_graphs
+        model.cuda_graphs = False
+        try:
+            top_down = KEEPING_LAYERS(model)
+        finally:
+            model.cuda_graphs = graphed
+        return frozenset(n - 1 - i for i in top_down) if bottom_up else top_down
+
+    return layers
 
 
 def _cast_each(tensors, dtypes):
@@ -117,8 +127,9 @@ def configure(model, index: int) -> tuple[str, object, str, int | None]:
     for module in (lora_module, fused_mlp_module, fused_attention_module):
         module.cast_factors = cast
     lora_module.fold_width = (lambda *args: 0) if label.endswith(UNFOLDED) else FOLD_WIDTH
-    model.cuda_graphs = label.endswith(GRAPHS) or f"{GRAPHS}, {BOTTOM_UP}" in label
-    checkpoint_module.gate_up_keeping_layers = _bottom_up if label.endswith(BOTTOM_UP) else KEEPING_LAYERS
+    model.cuda_graphs = label.endswith(GRAPHS) or f"{GRAPHS}, {TOP_DOWN}" in label
+    order = {BOTTOM_UP: True, TOP_DOWN: False}.get(label.rsplit(", ", 1)[-1])
+    checkpoint_module.gate_up_keeping_layers = KEEPING_LAYERS if order is None else _keeping(order)
     return label, mode, policy, kept
 
 

@@ -247,7 +247,7 @@ def test_4bit_projections_fold_their_lora_into_the_base_gemm_on_the_fused_mlp_pa
     ref_loss, ref_grads = loss_and_grads(model, batch)
     wide = []
     real = lora_kernels._folded_forward
-    monkeypatch.setattr(lora_kernels, "_folded_forward", lambda *a: wide.append(a[-1] is not None) or real(*a))
+    monkeypatch.setattr(lora_kernels, "_folded_forward", lambda *a: wide.append(a[7] is not None) or real(*a))
     model.gradient_checkpointing, model.checkpoint_policy = "offload", policy
     model.gate_up_kept_layers, model.mlp_tile_tokens = kept, tile
     loss, grads = loss_and_grads(model, batch)

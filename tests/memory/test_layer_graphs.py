@@ -137,15 +137,18 @@ def eager_graphs(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "policy,kept,tile,load_in_4bit",
-    [("full", None, None, False), ("save_mlp", None, None, False), ("save_mlp", 2, 4, False),
-     ("save_mlp", 1, None, True)],  # fmt: skip
+    "policy,kept,tile,load_in_4bit,zoo",
+    [("full", None, None, False, "llama"), ("save_mlp", None, None, False, "llama"),
+     ("save_mlp", 2, 4, False, "llama"), ("save_mlp", 1, None, True, "llama"),
+     # Whole quantization blocks and r=8: the 4-bit GEMMs fold their LoRA and write the graphs' buffers.
+     ("save_mlp", None, None, True, "llama_aligned"), ("full", None, None, True, "llama_aligned")],  # fmt: skip
 )
 def test_graphed_layers_give_the_eager_loss_and_gradients_bit_for_bit(
-    tmp_path, eager_graphs, policy, kept, tile, load_in_4bit
+    tmp_path, eager_graphs, policy, kept, tile, load_in_4bit, zoo
 ):
-    save_hf_model("llama", str(tmp_path))
-    model = velotune_lora_model(str(tmp_path), load_in_4bit=load_in_4bit)
+    save_hf_model(zoo, str(tmp_path))
+    r = 8 if zoo == "llama_aligned" else 4
+    model = velotune_lora_model(str(tmp_path), load_in_4bit=load_in_4bit, r=r, lora_alpha=2 * r)
     n = len(model.layers)
     batch = dict(zip(("input_ids", "attention_mask", "labels"), random_batch(2, 7, seed=3)))
     batch["attention_mask"] = None
@@ -167,6 +170,9 @@ def test_graphed_layers_give_the_eager_loss_and_gradients_bit_for_bit(
     slots = [k[3] for k in sorted(graphs.replays, key=lambda k: k[1]) if k[0] == "save_mlp forward" and k[2]]
     assert slots == [j % 2 for j in range(len(kept_layers))]
     assert len(kept_layers) == (0 if policy == "full" else kept if kept is not None else round(n / 2))
+    if policy == "save_mlp" and kept is None:
+        # Graphed, the keeping layers are spread from the bottom layer up (eagerly, from the top down).
+        assert kept_layers == {(j * n) // round(n / 2) for j in range(round(n / 2))}
     # Layer 0's input (the embedding's output) needs no gradient: its backward graph skips dx.
     assert all(k[4] == (k[1] > 0) for k in graphs.replays if k[0] == "save_mlp backward")
 

@@ -60,7 +60,10 @@ def test_the_folded_product_equals_that_of_the_dequantized_weight_with_its_extra
     real = w.dequantize
     w.dequantize = lambda *a, **k: calls.append(1) or real(*a, **k)
     want = x_wide @ torch.cat((dense, cols), 1).t()
-    assert _rel(w.linear_folded(x_wide, cols), want) < 1e-6
+    got = w.linear_folded(x_wide, cols)
+    assert _rel(got, want) < 1e-6
+    out = torch.full_like(got, float("nan"))
+    assert w.linear_folded(x_wide, cols, out=out) is out and torch.equal(out, got)  # into a given tensor
     assert len(calls) == 0  # never a dense copy of the whole weight outside the scratch rows
     with pytest.raises(KernelError, match="linear_folded"):
         w.linear_folded(x_wide, cols[:, :5])

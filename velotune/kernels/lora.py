@@ -229,7 +229,7 @@ def lora_columns(layout: LoraLayout, bs: Sequence[torch.Tensor], dtype: torch.dt
     return cols
 
 
-def _folded_forward(x2, x_lora2, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide):
+def _folded_forward(x2, x_lora2, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide, out=None):
     """`_fused_forward` as one GEMM: y = [x | x_lora A^T] @ [W | blockdiag(s_i B_i)]^T (+ b).
 
     Where the LoRA term is added to the base GEMM's output by an addmm of K = r per block, that pass
@@ -254,20 +254,25 @@ def _folded_forward(x2, x_lora2, weight, bias, lora_a, layout: LoraLayout, lora_
     xa = torch.mm(x_lora2, a.t(), out=None if wide is None else wide[:, fan_in:])
     if wide is None:
         wide = torch.cat((x2, xa), 1)
-    y = weight.linear_folded(wide, lora_columns(layout, bs, dtype))
+    y = weight.linear_folded(wide, lora_columns(layout, bs, dtype), out=out)
     if bias is not None:
         y.add_(bias)
     return y, a, xa, bs
 
 
-def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide=None):
+def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs, wide=None, out=None):
     """y (as [T, out]), the cast A, x A^T and the cast Bs: the forward of `LoraProjectionFunction`.
-    wide: see `_folded_forward` (only read where the projection folds, `fold_width`)."""
+    wide: see `_folded_forward` (only read where the projection folds, `fold_width`). out: a [T, out]
+    tensor y is written into (a CUDA graph's static buffer): by the GEMM itself where it folds, else
+    copied at the end."""
     x2 = _rows(x)
     if fold_width(weight, layout, x2.shape[0]):
         return _folded_forward(
-            x2, x2 if x_lora is None else _rows(x_lora), weight, bias, lora_a, layout, lora_bs, wide
+            x2, x2 if x_lora is None else _rows(x_lora), weight, bias, lora_a, layout, lora_bs, wide, out
         )
+    if out is not None:
+        y, a, xa, bs = _fused_forward(x, x_lora, weight, bias, lora_a, layout, lora_bs)
+        return out.copy_(y), a, xa, bs
     y = _base_linear(x2, weight, bias)
     blocks = layout.blocks
     if not blocks:

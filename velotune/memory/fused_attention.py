@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from velotune.errors import KernelError
 from velotune.kernels.attention import attention
 from velotune.kernels.lora import (
     _fused_forward,
@@ -69,14 +70,17 @@ class FusedAttentionBlock:
         self.cos, self.sin, self.key_padding_mask, self.cu_seqlens = cos, sin, key_padding_mask, cu_seqlens
         self.qkv, self.o = qkv_parts, o_parts
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x + attention(...); without grad mode (the first forward of a checkpointed layer) by the same
-        ops as the recomputation, with the layer's LoRA factors cast in one go."""
+        ops as the recomputation, with the layer's LoRA factors cast in one go. out: a tensor of x's
+        shape to write the result into (a CUDA graph's static buffer; without grad mode only)."""
         if torch.is_grad_enabled():
+            if out is not None:
+                raise KernelError("FusedAttentionBlock(x, out=...) runs without grad mode only.")
             return self.layer.attention_block(x, self.cos, self.sin, self.key_padding_mask, self.cu_seqlens)
         qkv_parts, o_parts = self._cast_parts(x)
         _, _, _, q, k, v, _ = self._project_qkv(x, qkv_parts)
-        return x + self._o_forward(self._attend(q, k, v), o_parts).view(x.shape)
+        return torch.add(x, self._o_forward(self._attend(q, k, v), o_parts).view(x.shape), out=out)
 
     def _cast_parts(self, x: torch.Tensor) -> list[tuple]:
         """q/k/v's and o's parts with their LoRA factors in the dtype each computes in: the attention
@@ -145,9 +149,11 @@ class FusedAttentionBlock:
                          key_padding_mask=self.key_padding_mask)  # fmt: skip
 
     def backward(
-        self, state: AttentionRecompute, dy: torch.Tensor, params: Sequence[torch.Tensor], need_dx: bool
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """Gradients of <half(x), dy> for x (when need_dx) and params (one gradient or None each)."""
+        self, state: AttentionRecompute, dy: torch.Tensor, params: Sequence[torch.Tensor], need_dx: bool,
+        dx_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:  # fmt: skip
+        """Gradients of <half(x), dy> for x (when need_dx) and params (one gradient or None each).
+        dx_out: a tensor of x's shape dx is written into (a CUDA graph's static buffer; not dy)."""
         factor_grads = FactorGradients(params)
 
         def finish(dx):
@@ -190,7 +196,7 @@ class FusedAttentionBlock:
             dx = rms_norm_backward(
                 d_normed.view(x.shape), x, self.norm.weight, state.rstd, self.norm.offset, False
             )[0]
-            return finish(dx.add_(dy))
+            return finish(dx.add_(dy) if dx_out is None else torch.add(dx, dy, out=dx_out))
 
 
 def fused_attention_block(

@@ -76,16 +76,18 @@ class FusedMLPBlock:
         gate_up, down = with_cast_factors((self.gate_up, self.down), (dtype, dtype))
         return gate_up, down
 
-    def _gate_up_act(self, xt: torch.Tensor, gate_up: tuple, gu: torch.Tensor | None = None, down=None):
+    def _gate_up_act(self, xt: torch.Tensor, gate_up: tuple, gu: torch.Tensor | None = None, down=None,
+                     gu_out: torch.Tensor | None = None):  # fmt: skip
         """(normed, rstd, gate/up output, its LoRA pieces, activation, the activation's wide buffer or
         None) of one tile; with `gu` (the tile's gate/up output kept from the forward) the gate/up
         GEMMs are skipped. down: the down projection's parts when its GEMM follows (the forward): where
-        it folds its LoRA, the activation is written into the first columns of its wider input."""
+        it folds its LoRA, the activation is written into the first columns of its wider input.
+        gu_out: where the gate/up output goes (a CUDA graph's static buffer), else a new tensor."""
         rows = xt.shape[0]
         w, b, a, bs, layout, _ = gate_up
         n, rstd, wide = norm_into_folded_input(xt, self.norm, gate_up if gu is None else None)
         if gu is None:
-            gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs, wide=wide)
+            gu, a_c, xa, bs_c = _fused_forward(n, None, w, b, a, layout, bs, wide=wide, out=gu_out)
         else:
             a_c, xa, bs_c = lora_branch_inputs(n, a, layout, bs)
         act_wide = folded_input(down, rows, gu.dtype, gu.device) if down is not None else None
@@ -99,17 +101,23 @@ class FusedMLPBlock:
         """x + mlp(norm(x)) without a graph, one tile's intermediates at a time."""
         return self.forward_keeping(x, tile_tokens, None)[0]
 
-    def forward_keeping(self, x: torch.Tensor, tile_tokens: int | None, keep) -> tuple[torch.Tensor, list]:
+    def forward_keeping(
+        self, x: torch.Tensor, tile_tokens: int | None, keep, gate_up_into: list | None = None,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list]:  # fmt: skip
         """`tiled_forward`, also handing each tile's gate/up output to keep(tensor) (None: not kept);
-        returns (output, what keep returned per tile) for `tiled_backward`'s kept_gate_up."""
+        returns (output, what keep returned per tile) for `tiled_backward`'s kept_gate_up.
+        gate_up_into: a tensor per tile to compute its gate/up output into; out: the output's tensor
+        (x's shape, not x itself): a CUDA graph's static buffers (`velotune.memory.layer_graphs`)."""
         rows = _rows(x)
-        out = torch.empty_like(rows)
+        out = torch.empty_like(rows) if out is None else _rows(out)
         kept = []
         gate_up, down = self._cast_parts(x)
         w, b, a, bs, layout, _ = down
-        for start, end in token_tiles(rows.shape[0], tile_tokens):
+        for k, (start, end) in enumerate(token_tiles(rows.shape[0], tile_tokens)):
             xt = rows[start:end]
-            _, _, gu, _, act, act_wide = self._gate_up_act(xt, gate_up, down=down)
+            gu_out = gate_up_into[k] if gate_up_into else None
+            _, _, gu, _, act, act_wide = self._gate_up_act(xt, gate_up, down=down, gu_out=gu_out)
             if keep is not None:
                 kept.append(keep(gu))
             del gu

@@ -39,7 +39,7 @@ import torch
 from velotune.errors import KernelError
 from velotune.kernels.rmsnorm import rms_norm_output_dtype
 from velotune.memory.fused_attention import fused_attention_block
-from velotune.memory.tiled import token_tiles, tokenwise_forward
+from velotune.memory.tiled import token_tiles
 from velotune.quant import nf4_weight
 
 # Shapes (batch x sequence) kept at once; a new one beyond this drops the oldest set.
@@ -191,7 +191,8 @@ class GraphedLayer:
 
             def build():
                 head = self._attention_half(static_x)
-                return lambda: static_x.copy_(tokenwise_forward(self.mlp, head(static_x), self.tile))
+                # x is no longer read once the attention half ran: the output takes its buffer.
+                return lambda: self.mlp.forward_keeping(head(static_x), self.tile, None, out=static_x)
 
             graphs.run(("full forward", self.index), build)
             return graphs.output("x"), []
@@ -204,11 +205,9 @@ class GraphedLayer:
             head = self._attention_half(static_x)
 
             def forward():
-                static_h.copy_(head(static_x))
-                slots = iter(gate_up)
-                keep = (lambda t: next(slots).copy_(t)) if gate_up else None
-                out, _ = self.mlp.forward_keeping(static_h, self.tile, keep)
-                static_x.copy_(out)  # x is no longer read: the output takes its buffer
+                head(static_x, out=static_h)
+                # x is no longer read: the output takes its buffer.
+                self.mlp.forward_keeping(static_h, self.tile, None, gate_up_into=gate_up, out=static_x)
 
             return forward
 
@@ -244,12 +243,11 @@ class GraphedLayer:
                 # As `_Segment._hand_written_head_backward` after the MLP half ran first.
                 if need_dx or head.trains(self.params):
                     state, _ = head.recompute(static_x, need_output=False)
-                    dx, head_grads = head.backward(state, dh, self.params, need_dx)
+                    # dy is no longer read: dx takes its buffer.
+                    _, head_grads = head.backward(state, dh, self.params, need_dx, dx_out=static_dy)
                     for i, g in enumerate(head_grads):
                         if g is not None:
                             grads[i] = g if grads[i] is None else grads[i].add_(g)
-                    if dx is not None:
-                        static_dy.copy_(dx)  # dy is no longer read: dx takes its buffer
                 produced[:] = [g is not None for g in grads]
                 made = [(buf, g) for buf, g in zip(static_grads, grads) if g is not None]
                 if made:

@@ -257,12 +257,13 @@ class NF4Weight(nn.Module):
         every checkpoint; the dequantization writes rows into wider scratch rows block by block)."""
         return rows > nf4_matmul.MAX_ROWS and all(q.shape[1] % q.blocksize == 0 for _, q in self.parts())
 
-    def linear_folded(self, x_wide: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def linear_folded(self, x_wide: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x_wide [T, in + R] @ [W | cols]^T -> [T, out]: x W^T plus the rank-R term x_wide[:, in:] cols^T
         (a LoRA up-projection: cols holds the scaled B's, x_wide's last R columns x A^T), in one GEMM
         per part rather than a GEMM and an accumulating pass over the output. Each part is dequantized
         into the first `in` columns of scratch rows [rows, in + R] whose last R columns take its rows of
-        cols; whole, where `linear` dequantizes it whole (`whole_numel_limit`)."""
+        cols; whole, where `linear` dequantizes it whole (`whole_numel_limit`). out: a [T, out] tensor
+        to write the product into (a CUDA graph's static buffer) instead of a new one."""
         self._check_complete()
         t, width = x_wide.shape if x_wide.dim() == 2 else (0, 0)
         extra = width - self.in_features
@@ -278,8 +279,8 @@ class NF4Weight(nn.Module):
             for row0, q in parts:
                 dequantize_nf4(q, out=w[row0 : row0 + q.shape[0], : self.in_features])
             w[:, self.in_features :].copy_(cols)
-            return torch.mm(x_wide, w.t())
-        y = torch.empty(t, self.out_features, dtype=dtype, device=x_wide.device)
+            return torch.mm(x_wide, w.t(), out=out)
+        y = out if out is not None else torch.empty(t, self.out_features, dtype=dtype, device=x_wide.device)
         for row0, q in parts:
             rows = q.shape[0]
             w = scratch_buffer(rows * width, self._device, dtype).view(rows, width)
