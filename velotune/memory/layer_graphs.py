@@ -117,6 +117,7 @@ class StepGraphs:
             return buf
         held = self._holds.get(role)
         if held is None or held[0]() is not value or held[1] != value._version:
+            self.wait_for_readers([role])
             buf.copy_(value)
             self._holds[role] = (weakref.ref(value), value._version)
         return buf
@@ -229,6 +230,7 @@ class GraphedLayer:
         static_x, static_h, static_dy = graphs.fill("x", x), graphs.fill("h", h), graphs.fill("dy", dy)
         static_gate_up = [graphs.fill(r, t) for r, t in zip(roles, gate_up)]
         del x, h, gate_up  # their memory is free for the replay's
+        graphs.wait_for_readers(roles)  # the replay writes them (the activation's gradient, in place)
         # Keyed by shape too: layers whose LoRA ranks differ get buffers of their own.
         static_grads = [graphs.buffer(f"grad{i} {tuple(p.shape)} {p.dtype}", p) for i, p in enumerate(self.params)]
         key = ("save_mlp backward", self.index, self.keep_gate_up, self.slot, need_dx)

@@ -68,7 +68,7 @@ class SavedTensor:
     """One saved tensor: resident (`tensor`) or offloaded (`blocks` + the events of its copies)."""
 
     __slots__ = ("tensor", "blocks", "shape", "dtype", "device", "copied", "fetched", "fetch_done", "group", "used",
-                 "home", "__weakref__")  # fmt: skip
+                 "home", "forward", "__weakref__")  # fmt: skip
 
     def __init__(self, group: _Group):
         self.tensor: torch.Tensor | None = None
@@ -82,6 +82,7 @@ class SavedTensor:
         self.group: _Group | None = group
         self.used = False
         self.home: torch.Tensor | None = None  # a static buffer: the copy back lands in it (see `save`)
+        self.forward = 0  # the store's forward count when it was saved
 
     @property
     def offloaded(self) -> bool:
@@ -96,10 +97,16 @@ class ActivationStore:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._last: weakref.ref | None = None
         self.pinned_bytes = 0  # total pinned memory this store holds or has handed out
+        self._forwards = 0
 
     def begin_forward(self) -> None:
         """A new forward starts: its first group has no predecessor to prefetch."""
         self._last = None
+        self._forwards += 1
+        for device, (_, h2d) in self._streams.items():
+            # A copy back still in flight (a backward that stopped early) must not land in a static
+            # buffer after this forward has written it.
+            torch.cuda.current_stream(device).wait_stream(h2d)
 
     def save(self, x: torch.Tensor, offload: bool, *, join: bool = False, static: bool = False) -> SavedTensor:
         """Keeps x for the backward: a new group (a layer's first save), or the latest one (join).
@@ -107,11 +114,13 @@ class ActivationStore:
         static: x is a long-lived buffer that will be overwritten (a CUDA graph's,
         `velotune.memory.layer_graphs`). Offloaded, the copy to host reads x itself, and the caller
         must not write x before `saved.copied` has completed; the load writes the values back into x
-        instead of new memory. Not offloaded, a copy of x is kept."""
+        instead of new memory, as long as no other forward has begun since (else into new memory).
+        Not offloaded, a copy of x is kept."""
         last = self._last() if self._last is not None else None
         group = last if join and last is not None else _Group(last)
         self._last = weakref.ref(group)
         saved = SavedTensor(group)
+        saved.forward = self._forwards
         group.members.append(weakref.ref(saved))
         x = x.detach()
         if not (offload and x.is_cuda and x.numel()):
@@ -177,9 +186,13 @@ class ActivationStore:
     def _fetch(self, saved: SavedTensor) -> None:
         _, h2d = self._side_streams(saved.device)
         compute = torch.cuda.current_stream(saved.device)
-        if saved.home is not None:
+        # A home buffer takes back only what the latest forward saved: once another forward has run,
+        # its static buffers hold (or are copying out) that forward's tensors, so the copy back of an
+        # older one lands in memory of its own (the caller copies it over when its buffer is free).
+        if saved.home is not None and saved.forward == self._forwards:
             saved.fetched, saved.home = saved.home, None
         else:
+            saved.home = None
             saved.fetched = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
         h2d.wait_stream(compute)  # also: what the compute stream queued that reads a home buffer
         h2d.wait_event(saved.copied)
