@@ -33,6 +33,10 @@ Where `velotune.memory.fused_attention` applies (CUDA, LoRA/QLoRA without LoRA d
 attention half is recomputed and differentiated by hand instead of through autograd: the same ops,
 minus the o projection's output when the MLP half has already run from its kept input ("save_mlp").
 
+`model.cuda_graphs = True` (CUDA, "full" or "save_mlp", both halves hand-written): each layer's first
+forward, and under "save_mlp" its backward too, replays from a CUDA graph (`velotune.memory.layer_graphs`):
+the same kernels without the host's per-op cost, for the memory of the graphs' buffers and pool.
+
 Every mode gives the same loss and gradients: bitwise on CPU in float32 when no tiling happens.
 The recomputation replays the forward's RNG (LoRA dropout) and autocast state.
 """

@@ -16,10 +16,14 @@ What is captured, per layer:
               runs them eagerly (the same ops in the same order: the same numbers).
 Every graph reads and writes static buffers only, shared by all the layers (one set per shape): its
 inputs are copied in before the replay (skipped where the buffer already holds that tensor, e.g. the
-previous layer's output) and its outputs cloned after. So no tensor of a graph's memory pool
-outlives its replay, and one pool serves every graph, whatever order they replay in. What stays
-eager, outside the graphs: the offload copies of what a layer keeps (`ActivationStore`, from the
-clones, on its side streams), the loads back, and autograd's bookkeeping.
+previous layer's output) and its outputs are written straight into them (`out=` through the kernels)
+and cloned after. So no tensor of a graph's memory pool outlives its replay, and one pool serves every
+graph, whatever order they replay in. The kept gate/up output is the exception to the clones: two
+buffers, alternating between consecutive keeping layers, are copied to host and back in place
+(`ActivationStore.save(..., static=True)`), each write waiting for the last copy out of its buffer.
+What stays eager, outside the graphs: the offload copies, the loads back, and autograd's bookkeeping.
+Memory: the static buffers (at Llama-3.1-8B 2 x 2048, 0.54 GiB) and the pool (one layer's
+intermediates, 0.53 GiB), which `torch.cuda.max_memory_allocated` does not count (`pool_bytes`).
 
 When: the "full" or "save_mlp" policy, CUDA, both halves hand-written, no key padding mask and no
 packed sequences (their contents would change under a captured graph), no autocast, layers not
