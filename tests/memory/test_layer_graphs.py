@@ -204,3 +204,14 @@ def test_a_model_without_graphs_holds_no_graph_pool_memory(tmp_path):
     cpu_graphs = layer_graphs.StepGraphs(torch.zeros(2), torch.zeros(2), torch.zeros(2), ())
     model.__dict__["_cuda_graph_sets"] = {"cpu": cpu_graphs}
     assert layer_graphs.pool_bytes(model) == 0  # CPU graphs (the tests' stand-in) have no pool
+
+
+def test_a_failed_capture_says_which_graph_and_how_to_train_without_graphs(monkeypatch):
+    def capture(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(layer_graphs, "capture", capture)
+    graphs = layer_graphs.StepGraphs(torch.zeros(3), torch.zeros(2), torch.zeros(2), ())
+    with pytest.raises(KernelError, match=r"save_mlp backward \(layer 7\).*model.cuda_graphs = False"):
+        graphs.run(("save_mlp backward", 7, True, 0, True), lambda: lambda: None)
+    assert not graphs.replays  # nothing half-captured is kept

@@ -148,7 +148,14 @@ class StepGraphs:
         """Replays graph `key`, capturing build()'s function first if it has none yet."""
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = capture(build(), self.pool)
+            try:
+                replay = capture(build(), self.pool)
+            except RuntimeError as e:  # CUDA's capture errors (torch.AcceleratorError is one too)
+                raise KernelError(
+                    f"capturing the CUDA graph of {key[0]} (layer {key[1]}) failed: {e}. Train without "
+                    "graphs (model.cuda_graphs = False)."
+                ) from e
+            self.replays[key] = replay
         self._holds.clear()  # the graph may write any buffer
         replay()
 
