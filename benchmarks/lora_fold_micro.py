@@ -32,7 +32,8 @@ PROJECTIONS = [
 ]
 
 
-def _time(fn, iters: int) -> float:
+def gpu_time_us(fn, iters: int) -> float:
+    """fn's GPU time per call in microseconds (CUDA events over `iters` calls, after 3 warm-up calls)."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -108,12 +109,12 @@ def _projection(name, fan_in, blocks, tokens, rank, iters, pad) -> dict:
     return {
         "projection": name, "tokens": tokens, "in": fan_in, "out": out, "R": r_all, "K": fan_in + width,
         "max_rel_diff": err,
-        "base_gemm_us": _time(lambda: torch.mm(x, w.t()), iters),
-        "base_gemm_wide_k_us": _time(lambda: torch.mm(wide, w_wide.t()), iters),
-        "unfolded_us": _time(unfolded, iters),
-        "folded_us": _time(folded, iters),
-        "folded_per_part_us": _time(folded_per_part, iters),
-        "copy_x_into_wide_us": _time(lambda: wide[:, :fan_in].copy_(x), iters),
+        "base_gemm_us": gpu_time_us(lambda: torch.mm(x, w.t()), iters),
+        "base_gemm_wide_k_us": gpu_time_us(lambda: torch.mm(wide, w_wide.t()), iters),
+        "unfolded_us": gpu_time_us(unfolded, iters),
+        "folded_us": gpu_time_us(folded, iters),
+        "folded_per_part_us": gpu_time_us(folded_per_part, iters),
+        "copy_x_into_wide_us": gpu_time_us(lambda: wide[:, :fan_in].copy_(x), iters),
     }  # fmt: skip
 
 
@@ -133,8 +134,8 @@ def dequant_rows(iters: int) -> list[dict]:
         rows.append({
             "weight": name, "shape": [out, fan_in], "extra_columns": extra,
             "equal": bool(torch.equal(wide[:, :fan_in], flat)),
-            "contiguous_us": _time(lambda: dequantize_nf4_triton(q, out=flat), iters),
-            "row_strided_us": _time(lambda: dequantize_nf4_triton(q, out=wide[:, :fan_in]), iters),
+            "contiguous_us": gpu_time_us(lambda: dequantize_nf4_triton(q, out=flat), iters),
+            "row_strided_us": gpu_time_us(lambda: dequantize_nf4_triton(q, out=wide[:, :fan_in]), iters),
         })  # fmt: skip
     return rows
 

@@ -25,25 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lora_fold_micro import PROJECTIONS, gpu_time_us  # noqa: E402  (the same 8B shapes)
 from velotune.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
-# (name, in, out parts): Llama-3.1-8B; LoRA rank 16 per part (a fused projection stacks its parts' A).
-PROJECTIONS = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4096, (14336, 14336)),
-               ("down", 14336, (4096,))]  # fmt: skip
-RANK = 16
-
-
-def gpu_us(fn, iters: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
+RANK = 16  # LoRA rank per part (a fused projection stacks its parts' A)
+ITERS = 50
 
 
 def host_us(fn, iters: int = 200) -> float:
@@ -86,8 +72,9 @@ def input_grad_fold(tokens: int) -> list[dict]:
             wide_dy[:, :out].copy_(dy)
 
         err = float((today().float() - folded().float()).abs().max() / today().float().abs().max())
-        row = {"projection": name, "tokens": tokens, "today_us": gpu_us(today), "folded_us": gpu_us(folded),
-               "dy_copy_us": gpu_us(copy_in), "rel_err": err}  # fmt: skip
+        row = {"projection": name, "tokens": tokens, "today_us": gpu_time_us(today, ITERS),
+               "folded_us": gpu_time_us(folded, ITERS), "dy_copy_us": gpu_time_us(copy_in, ITERS),
+               "rel_err": err}  # fmt: skip
         rows.append(row)
         print(f"{name:8s} today {row['today_us']:7.1f} us  folded {row['folded_us']:7.1f} us  "
               f"dy copy {row['dy_copy_us']:6.1f} us  rel err {err:.1e}", flush=True)  # fmt: skip
@@ -101,7 +88,7 @@ def dequant_host() -> dict:
     x, y = torch.randn(64, 64, device="cuda"), torch.empty(64, 64, device="cuda")
     row = {"dequantize_call_us": host_us(lambda: dequantize_nf4(q, out=out)),
            "mm_call_us": host_us(lambda: torch.mm(x, x, out=y)),
-           "dequantize_gpu_us": gpu_us(lambda: dequantize_nf4(q, out=out))}  # fmt: skip
+           "dequantize_gpu_us": gpu_time_us(lambda: dequantize_nf4(q, out=out), ITERS)}  # fmt: skip
     print(f"host per call: dequantize_nf4 {row['dequantize_call_us']:.1f} us, torch.mm {row['mm_call_us']:.1f} us; "
           f"the 1024 x 4096 part's dequantization on the GPU {row['dequantize_gpu_us']:.1f} us", flush=True)  # fmt: skip
     return row
