@@ -266,7 +266,8 @@ def _fused_forward(x, x_lora, weight, bias, lora_a, layout: LoraLayout, lora_bs,
     tensor y is written into (a CUDA graph's static buffer): by the GEMM itself where it folds, else
     copied at the end."""
     x2 = _rows(x)
-    if fold_width(weight, layout, x2.shape[0]):
+    # A wide buffer comes from `folded_input`, which decided on folding already (it is checked below).
+    if wide is not None or fold_width(weight, layout, x2.shape[0]):
         return _folded_forward(
             x2, x2 if x_lora is None else _rows(x_lora), weight, bias, lora_a, layout, lora_bs, wide, out
         )
