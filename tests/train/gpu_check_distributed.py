@@ -273,7 +273,10 @@ def scaling(opts, work: Path, clock: Clock, ds_missing: str) -> list[dict]:
     build_s = time.perf_counter() - start
     if not opts.cpu:
         torch.cuda.empty_cache()
+    wanted = set(opts.rows.split(",")) if opts.rows else None
     for name, method, gpus, parallel, stage, checkpointing, baseline in SCALING:
+        if wanted is not None and name not in wanted:
+            continue
         row = {"row": name, "shape": opts.shape, "method": method, "gpus": gpus, "checkpointing": checkpointing,
                "batch_per_gpu": opts.bench_batch, "seq": opts.bench_seq, "model_build_s": round(build_s, 1)}  # fmt: skip
         rows.append(row)
@@ -382,6 +385,9 @@ def main() -> int:
         "--correctness-launch-s", type=float, default=40.0, help="time one launch is assumed to need"
     )
     parser.add_argument("--bench-launch-s", type=float, default=60.0)
+    parser.add_argument(
+        "--rows", default="", help="comma-separated scaling rows to run (default: all), e.g. 'lora 1gpu,lora ddp 2gpu'"
+    )
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "velotune_bench_cache"))
     parser.add_argument("--bench-batch", type=int, default=2)
@@ -392,6 +398,10 @@ def main() -> int:
     opts = parser.parse_args()
     if not opts.cpu and torch.cuda.device_count() < 2:
         sys.stderr.write("needs 2 or more CUDA GPUs (or --cpu)\n")
+        return 2
+    unknown = set(filter(None, opts.rows.split(","))) - {row[0] for row in SCALING}
+    if unknown:
+        sys.stderr.write(f"unknown --rows {sorted(unknown)}: choose from {[row[0] for row in SCALING]}\n")
         return 2
     clock = Clock(opts.budget_s, opts.deadline_s)
     parts = {p.strip() for p in opts.parts.split(",")}
