@@ -1,8 +1,6 @@
 """The small-batch NF4 product (a decoding step's projections): the Triton kernel, interpreted, against
 x @ dequantize(W)^T, and NF4Weight taking it for a few rows only."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -38,32 +36,6 @@ def test_kernel_equals_the_product_with_the_dequantized_weight(rows, double_quan
     want = nf4_matmul_reference(x, q)
     assert _rel(nf4_matmul_triton(x, q), want) < 1e-5
     assert _rel(nf4_matmul_triton(x, q, launch=SMALL), want) < 1e-5
-
-
-def test_the_pair_table_holds_both_nibbles_code_values():
-    code = _weight(4, 64, 0).code
-    table = nf4_matmul.code_pair_table(code)
-    assert table.dtype == torch.int64 and table.shape == (256,)
-    high = (table >> 32).to(torch.int32).view(torch.float32)
-    low = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    byte = torch.arange(256)
-    assert torch.equal(high, code[byte >> 4]) and torch.equal(low, code[byte & 15])
-    assert nf4_matmul.code_pair_table(code) is table  # built once per code tensor
-    code.add_(0)  # an in-place write: the table is rebuilt from the new version
-    assert nf4_matmul.code_pair_table(code) is not table
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_the_pair_table_gives_the_nibble_lookups_product_bit_for_bit(rows, double_quant, dtype):
-    # The same code values reach the same float32 products in the same order: identical results.
-    q = _weight(37, 320, rows, double_quant)
-    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    for launch in (SMALL, NF4MatmulLaunch(block_n=4, block_k=64, split_k=3)):
-        paired = nf4_matmul_triton(x, q, launch=dataclasses.replace(launch, pair_table=True))
-        assert torch.equal(paired, nf4_matmul_triton(x, q, launch=launch))
-    assert _rel(paired.float(), nf4_matmul_reference(x.float(), q)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])

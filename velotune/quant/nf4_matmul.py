@@ -68,8 +68,6 @@ class NF4MatmulLaunch:
              block_k / 2 float32 accumulators, so fewer rows of the weight per program suit more rows of x.
     programs_per_sm: K is split until the grid has at least this many programs per SM (0: never split).
     split_k: a fixed number of K splits instead (tests, sweeps); None: from programs_per_sm.
-    pair_table: look each packed byte up once in a 256-entry table of both nibbles' code values (one
-             64-bit load per byte) instead of each nibble in the 16-entry code (two 32-bit loads).
     """
 
     block_n: int = 8
@@ -78,7 +76,6 @@ class NF4MatmulLaunch:
     num_stages: int = 2
     programs_per_sm: int = 8
     split_k: int | None = None
-    pair_table: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -93,8 +90,7 @@ class NF4MatmulLaunch:
 
     def label(self) -> str:
         split = f"s{self.split_k}" if self.split_k is not None else f"p{self.programs_per_sm}"
-        pairs = "/pairs" if self.pair_table else ""
-        return f"n{self.block_n}/k{self.block_k}/w{self.num_warps}/st{self.num_stages}/{split}{pairs}"
+        return f"n{self.block_n}/k{self.block_k}/w{self.num_warps}/st{self.num_stages}/{split}"
 
 
 # Per BLOCK_M (next power of two of the rows of x): 2,048 accumulators per program (16 registers a
@@ -124,7 +120,7 @@ def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
     M, N, blocks_per_row, blocks_per_split, stride_xm, stride_os, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
+    NB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCKSIZE // 2
     pid_k = tl.program_id(1)
@@ -155,16 +151,8 @@ def _nf4_matmul_kernel(
         byte = byte.to(tl.int32)
         # Element 2j of a block is byte j's high nibble, element 2j + 1 its low nibble; each value is
         # rounded to x's dtype as the dequantized weight is (a no-op for float32).
-        if PAIRS:
-            # code_ptr is the pair table: entry b holds code[b >> 4]'s bits above code[b & 15]'s.
-            pair = tl.load(code_ptr + byte)
-            c_even = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            c_odd = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        else:
-            c_even = tl.load(code_ptr + (byte >> 4))
-            c_odd = tl.load(code_ptr + (byte & 15))
-        w_even = (c_even * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
-        w_odd = (c_odd * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
+        w_even = (tl.load(code_ptr + (byte >> 4)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
+        w_odd = (tl.load(code_ptr + (byte & 15)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
         x = tl.load(
             x_ptr + ms[:, None, None] * stride_xm + kb[None, :, None] * BLOCKSIZE + within[None, None, :],
             mask=m_ok[:, None, None] & kb_ok[None, :, None],
@@ -190,25 +178,6 @@ def _sum_splits_kernel(part_ptr, out_ptr, M, N, split_k, stride_om, BLOCK: tl.co
     for s in range(0, split_k):
         total += tl.load(part_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
     tl.store(out_ptr + m * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-# (code's address, its version, its device) -> the pair table built from it.
-_pair_tables: dict[tuple, torch.Tensor] = {}
-
-
-def code_pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: entry b holds the float32 bits of code[b >> 4] in its high half and of code[b & 15] in
-    its low half, the values of a packed byte's two nibbles (built once per code tensor)."""
-    key = (code.data_ptr(), code._version, code.device)
-    table = _pair_tables.get(key)
-    if table is None:
-        bits = code.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        byte = torch.arange(256, device=code.device)
-        table = (bits[byte >> 4] << 32) | bits[byte & 15]
-        if len(_pair_tables) > 64:  # models come and go; the tables are 2 KB each
-            _pair_tables.clear()
-        _pair_tables[key] = table
-    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,14 +250,13 @@ def nf4_matmul_triton(
         target = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
         stride_os, stride_om = m * n, n
     nested = q.double_quant
-    code = code_pair_table(q.code) if launch.pair_table else q.code
     _nf4_matmul_kernel[(programs_n, split)](
-        x2, q.data, q.absmax, code,
+        x2, q.data, q.absmax, q.code,
         q.nested_absmax if nested else q.absmax, q.nested_code if nested else q.code,
         q.nested_offset if nested else q.absmax, target,
         m, n, blocks_per_row, blocks_per_split, x2.stride(0), stride_os, stride_om,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=nested,
-        NB=nb, BLOCK_M=block_m, BLOCK_N=launch.block_n, PAIRS=launch.pair_table,
+        NB=nb, BLOCK_M=block_m, BLOCK_N=launch.block_n,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         enable_fp_fusion=False,  # the scale is rebuilt with two roundings, as dequantization rounds it
     )  # fmt: skip
