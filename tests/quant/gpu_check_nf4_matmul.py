@@ -205,7 +205,7 @@ def _m8_configs(pps: int) -> list[NF4MatmulLaunch]:
 
 def _tensor_core_configs() -> list[NF4MatmulLaunch]:
     return [NF4MatmulLaunch(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=pps, tensor_cores=True)
-            for bn, bk, w, pps in itertools.product((16, 32, 64), (128, 256, 512), (4,), (4, 8))]  # fmt: skip
+            for bn, bk, w, pps in itertools.product((32, 64, 128), (128, 256, 512), (4,), (4, 8))]  # fmt: skip
 
 
 def sweep(device, weights) -> dict:

@@ -172,10 +172,13 @@ def _nf4_matmul_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
-# The same product on the tensor cores: each step dequantizes a [BLOCK_N, NB * BLOCKSIZE] tile of the
-# weight in registers (each value rounded to x's dtype, as dequantization rounds it) and multiplies it
-# with x's [BLOCK_M, NB * BLOCKSIZE] tile by tl.dot, accumulating in float32. BLOCK_M and BLOCK_N are
-# at least 16 (tl.dot's smallest tile); padded rows of x are masked to zero and never stored.
+# The same product on the tensor cores, computed transposed (out^T = W x^T: the weight tile is the
+# dot's wide left operand, the few rows of x its narrow right one): each step dequantizes a
+# [BLOCK_N, NB, HALF] tile of even and one of odd elements in registers (each value rounded to x's
+# dtype, as dequantization rounds it) and multiplies each with the matching elements of x by tl.dot,
+# accumulating in float32 (the order of the k sum is free: even and odd halves need no interleave).
+# BLOCK_M and BLOCK_N are at least 16 (tl.dot's smallest tile); padded rows of x are masked to zero and
+# never stored.
 @triton.jit(do_not_specialize=["M", "N", "blocks_per_split"])
 def _nf4_matmul_dot_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
@@ -191,10 +194,10 @@ def _nf4_matmul_dot_kernel(
     m_ok = ms < M
     nb = tl.arange(0, NB)
     half = tl.arange(0, HALF)
-    step_k = tl.arange(0, NB * BLOCKSIZE)
+    pair = tl.arange(0, NB * HALF)  # the step's element pairs: block pair // HALF, pair % HALF within it
     kb_start = pid_k * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, blocks_per_row)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kb0 in range(kb_start, kb_end, NB):
         kb = kb0 + nb
         kb_ok = kb < kb_end
@@ -211,17 +214,16 @@ def _nf4_matmul_dot_kernel(
         ).to(tl.int32)
         w_even = (tl.load(code_ptr + (byte >> 4)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
         w_odd = (tl.load(code_ptr + (byte & 15)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
-        # [BLOCK_N, NB, HALF, 2] -> [BLOCK_N, NB * BLOCKSIZE]: element 2j of a block is the high nibble.
-        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, NB * BLOCKSIZE))
-        k = kb0 * BLOCKSIZE + step_k
-        x = tl.load(
-            x_ptr + ms[:, None] * stride_xm + k[None, :],
-            mask=m_ok[:, None] & (k < kb_end * BLOCKSIZE)[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(x, tl.trans(w), acc)
-    out = out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+        w_even = tl.reshape(w_even, (BLOCK_N, NB * HALF))
+        w_odd = tl.reshape(w_odd, (BLOCK_N, NB * HALF))
+        k_even = kb0 * BLOCKSIZE + 2 * pair  # element 2j of a block is the high nibble of byte j
+        x_ok = (k_even < kb_end * BLOCKSIZE)[:, None] & m_ok[None, :]
+        x_even = tl.load(x_ptr + ms[None, :] * stride_xm + k_even[:, None], mask=x_ok, other=0.0)
+        x_odd = tl.load(x_ptr + ms[None, :] * stride_xm + (k_even + 1)[:, None], mask=x_ok, other=0.0)
+        acc = tl.dot(w_even, x_even, acc)
+        acc = tl.dot(w_odd, x_odd, acc)
+    out = out_ptr + pid_k * stride_os + ms[None, :] * stride_om + rows[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
 
 
 # out[m, n] = sum over s of partial[s, m, n], s in order (reproducible), in out's dtype.
