@@ -1,8 +1,6 @@
 """The small-batch NF4 product (a decoding step's projections): the Triton kernel, interpreted, against
 x @ dequantize(W)^T, and NF4Weight taking it for a few rows only."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -38,48 +36,6 @@ def test_kernel_equals_the_product_with_the_dequantized_weight(rows, double_quan
     want = nf4_matmul_reference(x, q)
     assert _rel(nf4_matmul_triton(x, q), want) < 1e-5
     assert _rel(nf4_matmul_triton(x, q, launch=SMALL), want) < 1e-5
-
-
-TENSOR_CORES = NF4MatmulLaunch(block_n=16, block_k=128, tensor_cores=True)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("split_k", [None, 3])
-def test_the_tensor_core_kernel_equals_the_product_with_the_dequantized_weight(rows, double_quant, split_k):
-    # fp16 (the interpreter's tl.dot is right for it); 37 weight rows: a partial 16-row tile; 5 blocks of
-    # 64 inputs: the last two-block step half empty.
-    q = _weight(37, 320, 30 + rows, double_quant)
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 320, generator=gen).half()
-    launch = dataclasses.replace(TENSOR_CORES, split_k=split_k)
-    assert nf4_matmul.uses_tensor_cores(x, launch)
-    dense = dequantize_nf4_reference(q, torch.float16).float()
-    got = nf4_matmul_triton(x, q, launch=launch)
-    assert got.dtype == torch.float16 and _rel(got.float(), x.float() @ dense.t()) < 2e-3
-    # Integers in {-1, 0, 1} against 11-bit mantissas: every float32 sum is exact, so the product must be
-    # the dequantized weight's bit for bit, whatever the order of the tensor cores' sums.
-    xi = torch.randint(-1, 2, (rows, 320), generator=gen).half()
-    assert torch.equal(nf4_matmul_triton(xi, q, launch=launch), (xi.float() @ dense.t()).half())
-
-
-def test_the_tensor_core_kernel_writes_only_its_column_slice():
-    q = _weight(40, 256, 3)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(3)).half()
-    wide = torch.full((2, 60), float("nan"), dtype=torch.float16)
-    nf4_matmul_triton(x, q, out=wide[:, 10:50], launch=TENSOR_CORES)
-    assert torch.isnan(wide[:, :10]).all() and torch.isnan(wide[:, 50:]).all()
-    assert _rel(wide[:, 10:50].float(), x.float() @ dequantize_nf4_reference(q, torch.float16).float().t()) < 2e-3
-
-
-def test_the_tensor_core_kernel_is_not_used_where_it_cannot_be_right():
-    # float32 keeps the FMA kernel's exact products; bf16 under the interpreter keeps the FMA kernel.
-    assert not nf4_matmul.uses_tensor_cores(torch.zeros(1, 64), TENSOR_CORES)
-    assert not nf4_matmul.uses_tensor_cores(torch.zeros(1, 64, dtype=torch.bfloat16), TENSOR_CORES)
-    assert not nf4_matmul.uses_tensor_cores(torch.zeros(1, 64, dtype=torch.float16), SMALL)
-    q = _weight(37, 192, 5)
-    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(5)).bfloat16()
-    assert torch.equal(nf4_matmul_triton(x, q, launch=TENSOR_CORES), nf4_matmul_triton(x, q, launch=SMALL))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])

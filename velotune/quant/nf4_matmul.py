@@ -68,9 +68,6 @@ class NF4MatmulLaunch:
              block_k / 2 float32 accumulators, so fewer rows of the weight per program suit more rows of x.
     programs_per_sm: K is split until the grid has at least this many programs per SM (0: never split).
     split_k: a fixed number of K splits instead (tests, sweeps); None: from programs_per_sm.
-    tensor_cores: fp16 / bf16 x: dequantize each [block_n, block_k] tile in registers and multiply it with
-             tl.dot (rows of x padded to 16, block_n at least 16) instead of the elementwise FMAs. Not on
-             bf16 under the CPU interpreter, whose bf16 tl.dot is wrong: the FMA kernel runs there.
     """
 
     block_n: int = 8
@@ -79,7 +76,6 @@ class NF4MatmulLaunch:
     num_stages: int = 2
     programs_per_sm: int = 8
     split_k: int | None = None
-    tensor_cores: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -94,8 +90,7 @@ class NF4MatmulLaunch:
 
     def label(self) -> str:
         split = f"s{self.split_k}" if self.split_k is not None else f"p{self.programs_per_sm}"
-        cores = "/tc" if self.tensor_cores else ""
-        return f"n{self.block_n}/k{self.block_k}/w{self.num_warps}/st{self.num_stages}/{split}{cores}"
+        return f"n{self.block_n}/k{self.block_k}/w{self.num_warps}/st{self.num_stages}/{split}"
 
 
 # Per BLOCK_M (next power of two of the rows of x): 2,048 accumulators per program (16 registers a
@@ -172,60 +167,6 @@ def _nf4_matmul_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
-# The same product on the tensor cores, computed transposed (out^T = W x^T: the weight tile is the
-# dot's wide left operand, the few rows of x its narrow right one): each step dequantizes a
-# [BLOCK_N, NB, HALF] tile of even and one of odd elements in registers (each value rounded to x's
-# dtype, as dequantization rounds it) and multiplies each with the matching elements of x by tl.dot,
-# accumulating in float32 (the order of the k sum is free: even and odd halves need no interleave).
-# BLOCK_M and BLOCK_N are at least 16 (tl.dot's smallest tile); padded rows of x are masked to zero and
-# never stored.
-@triton.jit(do_not_specialize=["M", "N", "blocks_per_split"])
-def _nf4_matmul_dot_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    M, N, blocks_per_row, blocks_per_split, stride_xm, stride_os, stride_om,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    HALF: tl.constexpr = BLOCKSIZE // 2
-    pid_k = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    nb = tl.arange(0, NB)
-    half = tl.arange(0, HALF)
-    pair = tl.arange(0, NB * HALF)  # the step's element pairs: block pair // HALF, pair % HALF within it
-    kb_start = pid_k * blocks_per_split
-    kb_end = tl.minimum(kb_start + blocks_per_split, blocks_per_row)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kb0 in range(kb_start, kb_end, NB):
-        kb = kb0 + nb
-        kb_ok = kb < kb_end
-        ok = row_ok[:, None] & kb_ok[None, :]
-        block = rows[:, None] * blocks_per_row + kb[None, :]  # [BLOCK_N, NB] quantization blocks
-        if DOUBLE_QUANT:
-            q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=ok, other=0.0)
-            absmax = tl.load(nested_code_ptr + q) * scale2 + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
-        byte = tl.load(
-            packed_ptr + block[:, :, None] * HALF + half[None, None, :], mask=ok[:, :, None], other=0
-        ).to(tl.int32)
-        w_even = (tl.load(code_ptr + (byte >> 4)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
-        w_odd = (tl.load(code_ptr + (byte & 15)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
-        w_even = tl.reshape(w_even, (BLOCK_N, NB * HALF))
-        w_odd = tl.reshape(w_odd, (BLOCK_N, NB * HALF))
-        k_even = kb0 * BLOCKSIZE + 2 * pair  # element 2j of a block is the high nibble of byte j
-        x_ok = (k_even < kb_end * BLOCKSIZE)[:, None] & m_ok[None, :]
-        x_even = tl.load(x_ptr + ms[None, :] * stride_xm + k_even[:, None], mask=x_ok, other=0.0)
-        x_odd = tl.load(x_ptr + ms[None, :] * stride_xm + (k_even + 1)[:, None], mask=x_ok, other=0.0)
-        acc = tl.dot(w_even, x_even, acc)
-        acc = tl.dot(w_odd, x_odd, acc)
-    out = out_ptr + pid_k * stride_os + ms[None, :] * stride_om + rows[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
-
-
 # out[m, n] = sum over s of partial[s, m, n], s in order (reproducible), in out's dtype.
 # Floor: SPLIT_K * M * N * 4 bytes read, M * N written (a few KB at decoding shapes).
 @triton.jit
@@ -274,14 +215,6 @@ def split_count(launch: NF4MatmulLaunch, programs_n: int, steps: int, device: to
     return triton.cdiv(steps, triton.cdiv(steps, wanted))
 
 
-def uses_tensor_cores(x2: torch.Tensor, launch: NF4MatmulLaunch) -> bool:
-    """Whether `launch` runs x2's product on the tensor-core kernel: asked for, x in fp16 or bf16, and not
-    bf16 under the CPU interpreter (its bf16 tl.dot is wrong; fp16 is right)."""
-    if not launch.tensor_cores or x2.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    return x2.is_cuda or x2.dtype == torch.float16
-
-
 def nf4_matmul_triton(
     x2: torch.Tensor, q: NF4Tensor, out: torch.Tensor | None = None, *, launch: NF4MatmulLaunch | None = None
 ) -> torch.Tensor:
@@ -305,11 +238,9 @@ def nf4_matmul_triton(
         )
     block_m = triton.next_power_of_2(m)
     launch = launch or LAUNCHES[block_m]
-    on_cores = uses_tensor_cores(x2, launch)
-    block_n = max(16, launch.block_n) if on_cores else launch.block_n
     nb = max(1, launch.block_k // q.blocksize)
     blocks_per_row = k // q.blocksize
-    programs_n = triton.cdiv(n, block_n)
+    programs_n = triton.cdiv(n, launch.block_n)
     steps = triton.cdiv(blocks_per_row, nb)
     split = split_count(launch, programs_n, steps, x2.device)
     blocks_per_split = triton.cdiv(steps, split) * nb
@@ -319,14 +250,13 @@ def nf4_matmul_triton(
         target = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
         stride_os, stride_om = m * n, n
     nested = q.double_quant
-    kernel = _nf4_matmul_dot_kernel if on_cores else _nf4_matmul_kernel
-    kernel[(programs_n, split)](
+    _nf4_matmul_kernel[(programs_n, split)](
         x2, q.data, q.absmax, q.code,
         q.nested_absmax if nested else q.absmax, q.nested_code if nested else q.code,
         q.nested_offset if nested else q.absmax, target,
         m, n, blocks_per_row, blocks_per_split, x2.stride(0), stride_os, stride_om,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=nested,
-        NB=nb, BLOCK_M=max(16, block_m) if on_cores else block_m, BLOCK_N=block_n,
+        NB=nb, BLOCK_M=block_m, BLOCK_N=launch.block_n,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         enable_fp_fusion=False,  # the scale is rebuilt with two roundings, as dequantization rounds it
     )  # fmt: skip
