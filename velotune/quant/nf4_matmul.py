@@ -130,6 +130,7 @@ def _nf4_matmul_kernel(
     m_ok = ms < M
     nb = tl.arange(0, NB)
     half = tl.arange(0, HALF)
+    within = tl.arange(0, BLOCKSIZE)
     kb_start = pid_k * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, blocks_per_row)
     acc = tl.zeros((BLOCK_M, BLOCK_N, NB, HALF), dtype=tl.float32)
@@ -152,12 +153,12 @@ def _nf4_matmul_kernel(
         # rounded to x's dtype as the dequantized weight is (a no-op for float32).
         w_even = (tl.load(code_ptr + (byte >> 4)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
         w_odd = (tl.load(code_ptr + (byte & 15)) * absmax[:, :, None]).to(x_ptr.dtype.element_ty)
-        # x's even and odd elements loaded apart (a stride-2 load each, the same cache lines): splitting
-        # one contiguous load in registers spilled to local memory (ncu, session 9).
-        x_even_ptr = x_ptr + ms[:, None, None] * stride_xm + kb[None, :, None] * BLOCKSIZE + 2 * half[None, None, :]
-        x_ok = m_ok[:, None, None] & kb_ok[None, :, None]
-        x_even = tl.load(x_even_ptr, mask=x_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_even_ptr + 1, mask=x_ok, other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + ms[:, None, None] * stride_xm + kb[None, :, None] * BLOCKSIZE + within[None, None, :],
+            mask=m_ok[:, None, None] & kb_ok[None, :, None],
+            other=0.0,
+        ).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, NB, HALF, 2)))
         # [BLOCK_M, BLOCK_N, NB, HALF]: each dequantized value serves every row of x.
         acc = tl.fma(_spread(w_even[None, :, :, :], acc), _spread(x_even[:, None, :, :], acc), acc)
         acc = tl.fma(_spread(w_odd[None, :, :, :], acc), _spread(x_odd[:, None, :, :], acc), acc)
