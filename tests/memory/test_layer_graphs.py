@@ -139,7 +139,7 @@ def eager_graphs(monkeypatch):
 @pytest.mark.parametrize(
     "policy,kept,tile,load_in_4bit,zoo",
     [("full", None, None, False, "llama"), ("save_mlp", None, None, False, "llama"),
-     ("save_mlp", 2, 4, False, "llama"), ("save_mlp", 1, None, True, "llama"),
+     ("save_mlp", 2, 4, False, "llama"), ("save_mlp", 1, None, True, "llama"), ("save_mlp", 0, 4, False, "llama"),
      # Whole quantization blocks and r=8: the 4-bit GEMMs fold their LoRA and write the graphs' buffers.
      ("save_mlp", None, None, True, "llama_aligned"), ("full", None, None, True, "llama_aligned")],  # fmt: skip
 )
@@ -175,6 +175,13 @@ def test_graphed_layers_give_the_eager_loss_and_gradients_bit_for_bit(
         assert kept_layers == {(j * n) // round(n / 2) for j in range(round(n / 2))}
     # Layer 0's input (the embedding's output) needs no gradient: its backward graph skips dx.
     assert all(k[4] == (k[1] > 0) for k in graphs.replays if k[0] == "save_mlp backward")
+    if policy == "save_mlp":
+        # Every layer computes its gate/up output in a set of static buffers, the layers that keep none in
+        # the set of the next keeping layer above: the slot is the count of keeping layers below, mod 2.
+        slots = {k[1]: k[3] for k in graphs.replays if k[0] == "save_mlp forward"}
+        assert slots == {i: sum(j < i for j in kept_layers) % 2 for i in range(n)}
+        sets = {role.split(".")[0] for role in graphs.buffers if role.startswith("gate_up")}
+        assert sets == {f"gate_up{slot}" for slot in slots.values()}
 
 
 def test_new_adapter_weights_drop_the_graphs_and_the_next_steps_follow_them(tmp_path, eager_graphs):

@@ -382,7 +382,8 @@ def run_layers(
             continue
         # The last layer's input is needed first in the backward: it stays on the GPU.
         offload = mode == "offload" and i < last
-        # Keeping layers alternate between two sets of graph buffers (`GraphedLayer`'s slot).
+        # Keeping layers alternate between two sets of graph buffers; the layers between them use the set
+        # of the next keeping layer above (`GraphedLayer`'s slot).
         slot = sum(j < i for j in keeping) % 2
         step = (x, cos, sin, key_padding_mask, cu_seqlens, mode, policy, tile, auto_tile, store, offload,
                 i in keeping, graphs, i, slot)  # fmt: skip

@@ -133,15 +133,18 @@ class FusedMLPBlock:
         tile_tokens: int | None,
         need_dx: bool,
         kept_gate_up: list[torch.Tensor | None] | None = None,
+        gate_up_into: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Gradients of <block(x), dy> for x and params (one gradient or None each), tile by tile.
 
         kept_gate_up: each tile's gate/up output as the forward computed it (`forward_keeping`), in
-        place of recomputing it; a list whose entries are released (set to None) as they are used."""
+        place of recomputing it; a list whose entries are released (set to None) as they are used.
+        gate_up_into: a tensor per tile to recompute its gate/up output into (a CUDA graph's static
+        buffers), where none is kept."""
         with torch.no_grad():  # the gradients are written by hand: no graph to record
-            return self._backward(x, dy, params, tile_tokens, need_dx, kept_gate_up)
+            return self._backward(x, dy, params, tile_tokens, need_dx, kept_gate_up, gate_up_into)
 
-    def _backward(self, x, dy, params, tile_tokens, need_dx, kept_gate_up):
+    def _backward(self, x, dy, params, tile_tokens, need_dx, kept_gate_up, gate_up_into=None):
         rows, d_rows = _rows(x), _rows(dy).contiguous()
         factor_grads = FactorGradients(params)
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -161,7 +164,8 @@ class FusedMLPBlock:
         for k, (start, end) in enumerate(tiles):
             xt, dyt = rows[start:end], d_rows[start:end]
             gu_kept, kept[k] = kept[k], None  # dropped from the list as each tile is used
-            n, rstd, gu, (a_gu, xa_gu, bs_gu), act, _ = self._gate_up_act(xt, gate_up, gu_kept)
+            gu_out = gate_up_into[k] if gate_up_into and gu_kept is None else None
+            n, rstd, gu, (a_gu, xa_gu, bs_gu), act, _ = self._gate_up_act(xt, gate_up, gu_kept, gu_out=gu_out)
             del gu_kept
             # The down projection: only its LoRA branch's input (x A^T) is recomputed, not its output.
             a_c, xa, bs_c = lora_branch_inputs(act, a_down, layout_down, bs_down)

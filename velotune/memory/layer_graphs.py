@@ -21,6 +21,8 @@ and cloned after. So no tensor of a graph's memory pool outlives its replay, and
 graph, whatever order they replay in. The kept gate/up output is the exception to the clones: two
 buffers, alternating between consecutive keeping layers, are copied to host and back in place
 (`ActivationStore.save(..., static=True)`), each write waiting for the last copy out of its buffer.
+The layers that do not keep it compute their gate/up output in those buffers too (the set the next
+keeping layer above writes), so the pool never holds one.
 What stays eager, outside the graphs: the offload copies, the loads back, and autograd's bookkeeping.
 Memory: the static buffers (at Llama-3.1-8B 2 x 2048, 0.54 GiB) and the pool (one layer's
 intermediates, 0.53 GiB), which `torch.cuda.max_memory_allocated` does not count (`pool_bytes`).
@@ -166,9 +168,10 @@ class GraphedLayer:
 
     def __init__(self, graphs: StepGraphs, index: int, layer, mlp, tile_tokens: int | None, policy: str,
                  keep_gate_up: bool, params: Sequence[torch.Tensor], slot: int = 0):  # fmt: skip
-        """slot: which of the two sets of gate/up buffers this layer keeps its output in. Consecutive
-        keeping layers alternate, so that a layer's forward does not wait for the copy to host of the
-        keeping layer before it, nor the copy back of the one below it for this layer's backward."""
+        """slot: which of the two sets of gate/up buffers this layer computes its gate/up output in
+        (`_gate_up_roles`): the number of keeping layers below it, modulo 2. Consecutive keeping layers
+        alternate, so that a layer's forward does not wait for the copy to host of the keeping layer
+        before it, nor the copy back of the one below it for this layer's backward."""
         self.graphs, self.index, self.layer, self.mlp = graphs, index, layer, mlp
         self.tile, self.policy, self.keep_gate_up, self.params = tile_tokens, policy, keep_gate_up, list(params)
         self.slot = slot
@@ -178,10 +181,13 @@ class GraphedLayer:
         return fused_attention_block(self.layer, x, self.graphs.cos, self.graphs.sin, None, None)
 
     def _gate_up_roles(self, x: torch.Tensor) -> list[str]:
-        """The static buffers of the kept gate/up output, one per MLP tile (allocated here, before any
-        capture, so that they are not memory of the graphs' pool)."""
-        if not self.keep_gate_up:
-            return []
+        """The static buffers of this layer's gate/up output, one per MLP tile (allocated here, before any
+        capture, so that they are not memory of the graphs' pool). A keeping layer keeps its output in
+        them; a layer that does not keep it computes it there too, in its forward and in its backward's
+        recomputation, so that no graph holds a gate/up output in the pool (224 MiB at Llama-8B
+        2 x 2048). Such a layer's slot is the one the next keeping layer above it writes, so the buffer
+        it writes is never the one being copied to host (the keeping layer below's, in the forward) or
+        back from it (the same layer's, prefetched during this layer's backward)."""
         rows = x.numel() // x.shape[-1]
         width = 2 * self.layer.spec.intermediate_size
         norm = self.layer.mlp_norm
@@ -225,9 +231,10 @@ class GraphedLayer:
 
         graphs.run(("save_mlp forward", self.index, self.keep_gate_up, self.slot), build)
         kept = [keep(graphs.output("h"), False)]
-        for role, buf in zip(roles, gate_up):
-            kept.append(keep(buf, True))
-            graphs.read_until(role, getattr(kept[-1], "copied", None))
+        if self.keep_gate_up:
+            for role, buf in zip(roles, gate_up):
+                kept.append(keep(buf, True))
+                graphs.read_until(role, getattr(kept[-1], "copied", None))
         return graphs.output("x"), kept
 
     def backward(self, x: torch.Tensor, h: torch.Tensor, gate_up: list[torch.Tensor], dy: torch.Tensor,
@@ -236,10 +243,12 @@ class GraphedLayer:
         layer's input x, its MLP half's input h and the kept gate/up output."""
         graphs = self.graphs
         roles = self._gate_up_roles(x)
-        if len(roles) != len(gate_up):
+        if len(gate_up) != (len(roles) if self.keep_gate_up else 0):
             raise KernelError(f"layer {self.index} kept {len(gate_up)} gate/up tiles, its graph reads {len(roles)}.")
         static_x, static_h, static_dy = graphs.fill("x", x), graphs.fill("h", h), graphs.fill("dy", dy)
         static_gate_up = [graphs.fill(r, t) for r, t in zip(roles, gate_up)]
+        # Not kept: the recomputed gate/up output goes into the buffers.
+        recompute_into = None if self.keep_gate_up else [graphs.buffers[r] for r in roles]
         del x, h, gate_up  # their memory is free for the replay's
         graphs.wait_for_readers(roles)  # the replay writes them (the activation's gradient, in place)
         # Keyed by shape too: layers whose LoRA ranks differ get buffers of their own.
@@ -252,7 +261,8 @@ class GraphedLayer:
 
             def backward():
                 kept = list(static_gate_up) if static_gate_up else None
-                dh, grads = self.mlp.tiled_backward(static_h, static_dy, self.params, self.tile, True, kept_gate_up=kept)
+                dh, grads = self.mlp.tiled_backward(static_h, static_dy, self.params, self.tile, True, kept_gate_up=kept,
+                                                    gate_up_into=recompute_into)  # fmt: skip
                 # As `_Segment._hand_written_head_backward` after the MLP half ran first.
                 if need_dx or head.trains(self.params):
                     state, _ = head.recompute(static_x, need_output=False)
