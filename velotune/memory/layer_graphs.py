@@ -25,7 +25,7 @@ The layers that do not keep it compute their gate/up output in those buffers too
 keeping layer above writes), so the pool never holds one.
 What stays eager, outside the graphs: the offload copies, the loads back, and autograd's bookkeeping.
 Memory: the static buffers (at Llama-3.1-8B 2 x 2048, 0.54 GiB) and the pool (one layer's
-intermediates, 0.53 GiB), which `torch.cuda.max_memory_allocated` does not count (`pool_bytes`).
+intermediates, 0.44 GiB), which `torch.cuda.max_memory_allocated` does not count (`pool_bytes`).
 
 When: the "full" or "save_mlp" policy, CUDA, both halves hand-written, no key padding mask and no
 packed sequences (their contents would change under a captured graph), no autocast, layers not
