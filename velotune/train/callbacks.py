@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from velotune.memory import layer_graphs
+
 logger = logging.getLogger("velotune.train")
 
 
@@ -27,10 +29,13 @@ class TrainerCallback:
     def on_train_end(self, trainer) -> None: ...
 
 
-def memory_gb(device: torch.device) -> float:
-    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident size elsewhere."""
+def memory_gb(device: torch.device, model=None) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA (plus the memory pool of `model`'s CUDA graphs,
+    which the allocator's peak does not count while they replay), the process's peak resident size
+    elsewhere."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        graphs = layer_graphs.pool_bytes(model) if model is not None else 0
+        return (torch.cuda.max_memory_allocated(device) + graphs) / 2**30
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak_kb / (2**30 if sys.platform == "darwin" else 2**20)
 

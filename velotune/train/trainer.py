@@ -356,7 +356,7 @@ class Trainer:
                               "loss": loss_sum / good_steps if good_steps else None, "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": real_tokens / max(elapsed, 1e-9),
                               "tokens_seen": self.state["tokens_seen"],
-                              "memory_gb": round(memory_gb(model.device), 3)}  # fmt: skip
+                              "memory_gb": round(memory_gb(model.device, model), 3)}  # fmt: skip
                     record.update(
                         {k: self.state[k] for k in ("nonfinite_steps", "overflow_steps") if self.state[k]}
                     )
