@@ -32,12 +32,7 @@ def main() -> None:
         def step(xs=xs):
             return [nf4_matmul.nf4_matmul_triton(xs[q.shape[1]], q) for _ in range(LAYERS) for q, _ in weights]
 
-        check.graph_step_ms(step)  # compiles and warms up
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph = check.captured(step)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 graph.replay()

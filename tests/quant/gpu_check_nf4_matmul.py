@@ -232,8 +232,8 @@ def sweep(device, weights) -> dict:
     return results
 
 
-def graph_step_ms(fn, reps: int = 10) -> float:
-    """ms of one replay of a CUDA graph of fn (captured after a warm-up that compiles everything)."""
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn, captured after a warm-up that compiles everything, replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -244,6 +244,12 @@ def graph_step_ms(fn, reps: int = 10) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_step_ms(fn, reps: int = 10) -> float:
+    """ms of one replay of a CUDA graph of fn (`captured`)."""
+    graph = captured(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
